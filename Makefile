@@ -1,0 +1,27 @@
+# Set-up is part of every target: the virtual environment is created (or updated
+# when pyproject.toml changes) before anything runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: fit test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+fit: $(BIN)/.installed  ## the seed recipe: make fit ARGS="--trainer.max_epochs 1"
+	$(BIN)/python -m tl_project fit --config configs/base.yaml $(ARGS)
+
+test: $(BIN)/.installed  ## the test suite, offline, on the CPU
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(BIN)/.installed  ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny generated image folders, an isolated torch cache, offline guards.
+
+Every test runs offline: torch's downloader is replaced by one that fails the way an
+offline machine does, and `TORCH_HOME` points at an empty per-test cache.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from tl_project.backbones import hub_file
+
+# Three classes that differ in colour, so a few steps of training can tell them apart.
+COLORS = {"cat": (220, 60, 60), "dog": (60, 220, 60), "fish": (60, 60, 220)}
+
+
+def make_image_folder(root: Path, classes: dict[str, tuple[int, int, int]], per_class: int, size: int = 40) -> Path:
+    """Write `per_class` noisy PNGs of each class colour under `root/<class>/`."""
+    rng = np.random.default_rng(0)
+    for name, color in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.integers(-30, 30, (size, size, 3))
+            pixels = np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """root/{cat,dog,fish}/*.png, 10 images a class."""
+    return make_image_folder(tmp_path / "images", COLORS, per_class=10)
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch cache, and a downloader that fails like an offline machine."""
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+
+    def no_network(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError(f"offline test: no network for {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return torch_home
+
+
+@pytest.fixture(scope="session")
+def standin_resnet50_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A STAND-IN for the ImageNet weights file: random values from torchvision's own resnet50().
+
+    Same format and official file name as the real IMAGENET1K_V2 file, so torchvision
+    loads it from its cache; the values are random, not pretrained.
+    """
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("standin") / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def standin_cache(offline: Path, standin_resnet50_file: Path) -> Path:
+    """TORCH_HOME holding the stand-in under `hub/checkpoints/resnet50-11ad3fa6.pth`."""
+    target = hub_file(torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
+    assert target.parent.parent.parent == offline
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(standin_resnet50_file)
+    return target

@@ -1,0 +1,276 @@
+"""The command line end to end: fit -> test -> predict from the checkpoint alone, configs, errors.
+
+The runs use the real ResNet-50 architecture on 32 px images of a tiny generated
+folder, with random initialisation (`--model.weights null`) unless a test says
+otherwise, so that they finish in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import COLORS, make_image_folder
+from tl_project import ImageDataModule, TransferLearningModel, main
+from tl_project.cli import find_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+ACCURACY_LINE = re.compile(r"Accuracy of the model on the test images: (\d+\.\d\d) %")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def fit_args(root: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        *("--model.weights", "null"),
+        *("--data.dataset", "null", "--data.root", str(root)),
+        *("--data.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"),
+        *("--trainer.max_epochs", "2", "--trainer.default_root_dir", str(runs)),
+        *QUIET,
+        *extra,
+    ]
+
+
+def run_dirs(runs: Path) -> list[Path]:
+    return sorted(runs.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def exit_code(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as raised:
+        main(args)
+    return int(raised.value.code or 0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """One fit on root/{cat,dog,fish} (10 images a class): its folders and checkpoint."""
+    base = tmp_path_factory.mktemp("trained")
+    root = make_image_folder(base / "images", COLORS, per_class=10)
+    runs = base / "runs"
+    main(fit_args(root, runs))
+    run = run_dirs(runs)[0]
+    yield {"root": root, "runs": runs, "run": run, "best": run / "checkpoints" / "best.ckpt"}
+
+
+# --- fit ---
+
+
+def test_fit_writes_checkpoints_logs_and_config(trained: dict[str, Path]) -> None:
+    checkpoints = trained["run"] / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert "last.ckpt" in names and "best.ckpt" in names
+    scored = [n for n in names if re.fullmatch(r"epoch=\d+-val_acc=\d\.\d{4}\.ckpt", n)]
+    assert len(scored) == 1 and os.readlink(checkpoints / "best.ckpt") == scored[0]
+    assert (trained["run"] / "config.yaml").is_file()
+    columns = set(read_csv(trained["run"] / "metrics.csv")[0])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr-SGD"} <= columns
+
+
+def test_checkpoint_holds_plain_hyperparameters_of_model_and_data(trained: dict[str, Path]) -> None:
+    checkpoint = torch.load(trained["best"], weights_only=True)  # plain types only, or this fails
+    model_hp, data_hp = checkpoint["hyper_parameters"], checkpoint["datamodule_hyper_parameters"]
+    assert model_hp["class_names"] == ["cat", "dog", "fish"] and model_hp["num_classes"] == 3
+    assert model_hp["backbone"] == "resnet50"
+    assert data_hp["root"] == str(trained["root"]) and data_hp["image_size"] == 32
+
+
+def test_new_run_never_overwrites_an_earlier_one(trained: dict[str, Path], tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    args = fit_args(trained["root"], runs, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    main(args)
+    first = run_dirs(runs)[0] / "checkpoints" / "last.ckpt"
+    before = first.read_bytes()
+    main(args)
+    assert [p.name for p in run_dirs(runs)] == ["version_0", "version_1"]
+    assert first.read_bytes() == before
+
+
+# --- test and predict from the checkpoint alone ---
+
+
+def test_test_needs_only_the_checkpoint(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no config, another directory: everything comes from the checkpoint
+    main(["test", "--ckpt_path", str(trained["best"]), *QUIET])
+    printed = ACCURACY_LINE.findall(capfd.readouterr().out)
+    assert len(printed) == 1
+
+    run = run_dirs(tmp_path / "runs")[0]
+    logged = read_csv(run / "metrics.csv")[-1]
+    assert {"test/loss", "test/acc", "test/acc_macro"} <= set(logged)  # 3 classes: no top-5
+    assert float(printed[0]) == pytest.approx(100 * float(logged["test/acc"]), abs=0.006)
+
+    # The same number, computed here from the checkpoint and the held-out split.
+    model = TransferLearningModel.load_from_checkpoint(trained["best"], weights=None).eval()
+    data = ImageDataModule(dataset=None, root=str(trained["root"]), image_size=32, num_workers=0)
+    data.setup("test")
+    with torch.no_grad():
+        correct = sum(int(model(x.unsqueeze(0)).argmax() == y) for x, y in data.datasets["test"])  # type: ignore[attr-defined]
+    assert float(printed[0]) == pytest.approx(100 * correct / len(data.datasets["test"]), abs=0.006)  # type: ignore[arg-type]
+
+
+def test_explicit_flags_override_the_checkpoint(trained: dict[str, Path], tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    main(
+        [
+            "test",
+            "--ckpt_path",
+            str(trained["best"]),
+            "--data.batch_size",
+            "2",
+            "--trainer.default_root_dir",
+            str(runs),
+            *QUIET,
+        ]
+    )
+    config = yaml.safe_load((run_dirs(runs)[0] / "config.yaml").read_text())
+    assert config["data"]["batch_size"] == 2  # the flag
+    assert config["data"]["image_size"] == 32  # the checkpoint
+    assert config["data"]["root"] == str(trained["root"])
+
+
+def test_predict_writes_one_row_per_image_with_class_names(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    photos = make_image_folder(tmp_path / "photos" / "nested", {"a": (220, 60, 60), "b": (60, 60, 220)}, 3)
+    runs = tmp_path / "runs"
+    predict = ["predict", "--ckpt_path", str(trained["best"]), "--data.predict_dir", str(photos.parent)]
+    main([*predict, "--trainer.default_root_dir", str(runs), *QUIET])
+    path = run_dirs(runs)[0] / "predictions.csv"
+    assert f"written to {path}" in capfd.readouterr().out
+    rows = read_csv(path)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in photos.rglob("*.png"))
+    for row in rows:
+        assert row["prediction"] == row["top1"] and row["prediction"] in COLORS
+        probabilities = [float(row[f"top{k}_probability"]) for k in (1, 2, 3)]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1, abs=1e-4)
+
+
+def test_test_on_data_with_other_classes_names_both_lists(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    other = make_image_folder(tmp_path / "other", {"ant": (0, 0, 0), "bee": (255, 255, 255)}, per_class=3)
+    code = exit_code(["test", "--ckpt_path", str(trained["best"]), "--data.root", str(other)])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert "['cat', 'dog', 'fish']" in err and "['ant', 'bee']" in err
+
+
+# --- weights ---
+
+
+def test_weights_from_an_earlier_run_with_other_classes(trained: dict[str, Path], tmp_path: Path) -> None:
+    two = make_image_folder(tmp_path / "two", {"ant": (0, 0, 0), "bee": (255, 255, 255)}, per_class=6)
+    model = TransferLearningModel(num_classes=2, weights=str(trained["best"]))
+    saved = torch.load(trained["best"], weights_only=True)["state_dict"]
+    assert torch.equal(model.backbone.layer3[0].conv2.weight, saved["backbone.layer3.0.conv2.weight"])
+    assert model.head.out_features == 2
+
+    runs = tmp_path / "runs"
+    args = fit_args(two, runs, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    args[args.index("--model.weights") + 1] = str(trained["best"])
+    main(args)
+    checkpoint = torch.load(run_dirs(runs)[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["class_names"] == ["ant", "bee"]
+
+
+def test_default_imagenet_weights_from_the_cache(standin_cache: Path, image_folder: Path, tmp_path: Path) -> None:
+    # standin_cache holds a STAND-IN file with random values under the official name.
+    args = fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    args[args.index("--model.weights") : args.index("--model.weights") + 2] = []
+    main(args)
+    checkpoint = torch.load(run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["weights"] == "IMAGENET1K_V2"
+
+
+def test_missing_pretrained_weights_stop_before_training(
+    image_folder: Path, tmp_path: Path, offline: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    args = fit_args(image_folder, tmp_path / "runs")
+    args[args.index("--model.weights") + 1] = "IMAGENET1K_V2"
+    assert exit_code(args) == 2
+    err = capfd.readouterr().err
+    assert "resnet50-11ad3fa6.pth" in err and "--model.weights null" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# --- configs ---
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(["fit", "--config", str(config), "--print_config"]) == 0
+    printed = yaml.safe_load(capfd.readouterr().out)
+    assert printed["model"]["backbone"] and "dataset" in printed["data"]
+
+
+def test_seed_recipe_defaults() -> None:
+    config = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    assert config["model"]["backbone"] == "resnet50" and config["model"]["weights"] == "IMAGENET1K_V2"
+    assert config["model"]["optimizer"] == {
+        "class_path": "torch.optim.SGD",
+        "init_args": {"lr": 0.001, "momentum": 0.9},
+    }
+    assert config["data"]["dataset"] == "FashionMNIST" and config["data"]["batch_size"] == 32
+
+
+def test_config_names_are_looked_up_in_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Path(find_config("base.yaml")).resolve() == REPO / "configs" / "base.yaml"
+    assert Path(find_config("folder")).resolve() == REPO / "configs" / "folder.yaml"
+    (tmp_path / "base.yaml").write_text("trainer: {max_epochs: 1}\n")
+    assert find_config("base.yaml") == "base.yaml"  # a file here wins
+
+
+def test_unknown_config_lists_the_available_ones(capfd: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(["fit", "--config", "nope.yaml"]) == 2
+    assert "base.yaml" in capfd.readouterr().err
+
+
+# --- the process: exit codes and messages ---
+
+
+def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tl_project", "fit", "--data.dataset", "null", "--data.root", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert re.search(r"error: Image folder .*none does not exist", result.stderr)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_fit_then_test(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    fit = [sys.executable, "-m", "tl_project", *fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "1"), *ddp]
+    result = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "best.ckpt"
+    assert best.is_file()
+
+    test = [sys.executable, "-m", "tl_project", "test", "--ckpt_path", str(best), *QUIET, *ddp]
+    result = subprocess.run(test, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(ACCURACY_LINE.findall(result.stdout)) == 1  # printed by rank 0 only

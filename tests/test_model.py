@@ -1,0 +1,92 @@
+"""TransferLearningModel: the head, the fine-tune policy, the optimizer, the class check."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tl_project.errors import UserError
+from tl_project.model import TransferLearningModel
+
+
+def _model(**kwargs: object) -> TransferLearningModel:
+    kwargs = {"num_classes": 3, "backbone": "resnet18", "weights": None, **kwargs}
+    return TransferLearningModel(**kwargs)  # type: ignore[arg-type]
+
+
+def _train_step(model: TransferLearningModel) -> None:
+    optimizer = model.configure_optimizers()
+    model.train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    loss = model.loss_fn(model(images), labels)
+    loss.backward()
+    optimizer.step()
+
+
+def test_new_head_fits_the_classes() -> None:
+    model = _model(num_classes=7, class_names=[f"c{i}" for i in range(7)])
+    assert model.head.in_features == 512 and model.head.out_features == 7
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert model.class_names == [f"c{i}" for i in range(7)]
+
+
+def test_full_finetune_trains_everything_with_the_recipe_optimizer() -> None:
+    model = _model()
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["lr"] == 0.001 and optimizer.defaults["momentum"] == 0.9
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters()}
+
+
+def test_head_finetune_freezes_weights_and_batchnorm_statistics() -> None:
+    model = _model(finetune="head")
+    optimizer = model.configure_optimizers()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.head.parameters()}
+
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.head.weight.clone()
+    _train_step(model)
+    assert not model.backbone.training and model.head.training
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key  # weights, running_mean/var, num_batches_tracked
+    assert not torch.equal(model.head.weight, head_before)
+
+
+def test_full_finetune_updates_batchnorm_statistics() -> None:
+    model = _model()
+    before = model.backbone.bn1.running_mean.clone()
+    _train_step(model)
+    assert not torch.equal(model.backbone.bn1.running_mean, before)
+
+
+def test_injected_optimizer_and_scheduler() -> None:
+    model = _model(
+        optimizer=functools.partial(torch.optim.AdamW, lr=0.01),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2),
+    )
+    config = model.configure_optimizers()
+    assert isinstance(config["optimizer"], torch.optim.AdamW)
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+
+
+def test_hyperparameters_are_plain_values() -> None:
+    model = _model(optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
+    assert "optimizer" not in model.hparams
+    plain = (str, int, float, bool, type(None), list)
+    assert all(isinstance(v, plain) for v in model.hparams.values())
+
+
+def test_checkpoint_of_other_classes_is_refused_with_both_lists() -> None:
+    model = _model(class_names=["cat", "dog", "fish"])
+    checkpoint = {"hyper_parameters": {"num_classes": 2, "class_names": ["ant", "bee"], "backbone": "resnet18"}}
+    with pytest.raises(UserError, match=r"(?s)\['ant', 'bee'\].*\['cat', 'dog', 'fish'\]"):
+        model.on_load_checkpoint(checkpoint)
+
+
+def test_class_names_must_match_num_classes() -> None:
+    with pytest.raises(UserError, match="class_names"):
+        _model(num_classes=3, class_names=["a", "b"])

@@ -1,0 +1,103 @@
+"""Small callbacks: the checkpoint with a stable `best.ckpt` name, and the prediction writer."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+
+
+class Checkpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that also keeps `best.ckpt`, a link to the best checkpoint so far."""
+
+    BEST_NAME = "best.ckpt"
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._link_best(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._link_best(trainer)
+
+    def _link_best(self, trainer: L.Trainer) -> None:
+        if not (trainer.is_global_zero and self.best_model_path and self.dirpath):
+            return
+        link = Path(self.dirpath) / self.BEST_NAME
+        target = os.path.basename(self.best_model_path)
+        if link.is_symlink() and os.readlink(link) == target:
+            return
+        # Swap the link atomically: a reader never sees a missing best.ckpt.
+        tmp = link.with_name(f".{self.BEST_NAME}.tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes `predictions.csv` in the run directory: path, prediction, probability, top-k.
+
+    Under DDP every process predicts part of the images (the sampler may repeat some
+    to even out the shares); rank 0 gathers all rows and writes each image once.
+    """
+
+    FILENAME = "predictions.csv"
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.rows: dict[int, tuple[list[int], list[float]]] = {}
+        self.path: Path | None = None
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = {}
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        for index, classes, probabilities in zip(
+            prediction["index"].tolist(),
+            prediction["top_classes"].tolist(),
+            prediction["top_probabilities"].tolist(),
+            strict=True,
+        ):
+            self.rows[index] = (classes, probabilities)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = self.rows
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rows)
+            rows = {index: row for part in gathered for index, row in part.items()}
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
+        if not trainer.is_global_zero:
+            return
+        paths = trainer.datamodule.predict_paths  # type: ignore[attr-defined]
+        names: list[str] = pl_module.class_names  # type: ignore[assignment]
+        k = len(next(iter(rows.values()))[0]) if rows else 0
+        self.path = Path(run_dir) / self.FILENAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as f:
+            writer = csv.writer(f)
+            header = ["path", "prediction", "probability"]
+            for rank in range(1, k + 1):
+                header += [f"top{rank}", f"top{rank}_probability"]
+            writer.writerow(header)
+            for index in sorted(rows):
+                classes, probabilities = rows[index]
+                line = [str(paths[index]), names[classes[0]], f"{probabilities[0]:.6f}"]
+                for c, p in zip(classes, probabilities, strict=True):
+                    line += [names[c], f"{p:.6f}"]
+                writer.writerow(line)
+        print(f"Predictions for {len(rows)} images written to {self.path}")

@@ -1,0 +1,473 @@
+"""ImageDataModule: train/val/test/predict loaders from a named dataset or an image folder.
+
+Two sources:
+
+- a torchvision dataset by name (`MNIST`, `FashionMNIST`, `CIFAR10`, `CIFAR100`):
+  the official test split is the test set, and `val_split` of the official train
+  split (stratified, from `seed`) is the validation set. (Fashion)MNIST is also
+  read from a folder holding the four raw IDX files, as Debian's
+  `dataset-fashion-mnist` installs them in `/usr/share/datasets/fashion-mnist/`.
+- an image folder (`dataset: null`): `root/<class>/*` or
+  `root/{train,val,test}/<class>/*`. A split without its own folder is carved
+  out of train by `val_split` / `test_split`, stratified by class and
+  deterministic from `seed`, so `test` evaluates exactly the images `fit` held out.
+
+The class list is known right after `__init__` (the CLI links it into the model).
+Images of any mode become RGB, EXIF orientation applied; files without an image
+extension are ignored.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torchvision
+from lightning.pytorch.accelerators import CUDAAccelerator
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from tl_project.errors import UserError
+from tl_project.transforms import eval_transform, train_transform
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+SPLITS = ("train", "val", "test")
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# The fine labels of CIFAR-100, in label order (they are also in the dataset's meta file,
+# which only exists after the download; the class list must be known before it).
+CIFAR100_CLASSES = """
+apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
+can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion
+lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree
+pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea
+seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table
+tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman
+worm
+""".split()  # noqa: SIM905
+NAMED_DATASETS: dict[str, list[str]] = {
+    "MNIST": list(torchvision.datasets.MNIST.classes),
+    "FashionMNIST": list(torchvision.datasets.FashionMNIST.classes),
+    "CIFAR10": CIFAR10_CLASSES,
+    "CIFAR100": CIFAR100_CLASSES,
+}
+
+
+# --- image files -----------------------------------------------------------------
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by extension, and not a hidden file (`.DS_Store`, macOS `._x.jpg`)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, in sorted order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode `path` as an RGB image: EXIF orientation applied, any mode converted."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+            return to_rgb(image)
+    except Exception as error:
+        raise UserError(f"Cannot decode image {path}: {error}. Remove or replace that file.") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: 16/32-bit scaled to 8 bits, transparency composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit grayscale (PIL opens 16-bit PNGs as I;16 or I): scale 0..65535 to 0..255.
+        scale = 1.0 if image.mode == "F" else 257.0
+        pixels = np.asarray(image, dtype=np.float64) / scale
+        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class FolderDataset(Dataset):
+    """(image, label) pairs from image files; labels are class indices."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(load_image(path)), label
+
+
+class PredictDataset(Dataset):
+    """(image, index) pairs for unlabelled images; the index finds the path again."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_image(self.paths[index])), index
+
+
+class TensorImageDataset(Dataset):
+    """(image, label) pairs from in-memory uint8 images, N x H x W (gray) or N x H x W x C."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        image = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
+        return self.transform(image), int(self.labels[index])
+
+
+# --- splits ----------------------------------------------------------------------
+
+
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Split indices into `[rest, *parts]`, each part taking its fraction of every class.
+
+    Deterministic from `seed`; every class keeps at least one index in `rest`.
+    """
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    generator = random.Random(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for label in sorted(by_class):
+        indices = by_class[label]
+        generator.shuffle(indices)
+        start = 0
+        for part, fraction in zip(parts[1:], fractions, strict=True):
+            take = min(round(len(indices) * fraction), len(indices) - start - 1)
+            part.extend(indices[start : start + max(take, 0)])
+            start += max(take, 0)
+        parts[0].extend(indices[start:])
+    return [sorted(part) for part in parts]
+
+
+# --- named datasets --------------------------------------------------------------
+
+
+def _idx_file(root: Path, name: str, stem: str) -> Path | None:
+    for folder in (root, root / name / "raw"):
+        for suffix in ("", ".gz"):
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    return None
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (the (Fashion)MNIST format), optionally gzipped, as a uint8 tensor."""
+    with gzip.open(path) if path.suffix == ".gz" else open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+
+
+def _mnist_stems(train: bool) -> tuple[str, str]:
+    prefix = "train" if train else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def _missing_dataset(name: str, root: Path, reason: str) -> UserError:
+    hint = ""
+    if name == "FashionMNIST":
+        hint = (
+            " Offline, Debian's package provides it: apt-get install dataset-fashion-mnist, "
+            "then --data.root /usr/share/datasets/fashion-mnist."
+        )
+    return UserError(
+        f"{name} is not in {root} ({reason}). Pass --data.download true to download it "
+        f"into --data.root, or --data.root pointing at a copy.{hint}"
+    )
+
+
+def download_named(name: str, root: Path) -> None:
+    """Download `name` into `root` with torchvision unless it is already there."""
+    if name in ("MNIST", "FashionMNIST") and all(
+        _idx_file(root, name, stem) for train in (True, False) for stem in _mnist_stems(train)
+    ):
+        return
+    dataset_class = getattr(torchvision.datasets, name)
+    try:
+        for train in (True, False):
+            dataset_class(str(root), train=train, download=True)
+    except Exception as error:
+        raise _missing_dataset(name, root, f"the download failed: {error}") from None
+
+
+def read_named(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (uint8, N x H x W or N x H x W x C) and labels of a named dataset split."""
+    if name in ("MNIST", "FashionMNIST"):
+        files = [_idx_file(root, name, stem) for stem in _mnist_stems(train)]
+        if None in files:
+            raise _missing_dataset(name, root, "its IDX files were not found")
+        images, labels = (read_idx(f) for f in files if f is not None)
+        return images, labels.long()
+    try:
+        dataset = getattr(torchvision.datasets, name)(str(root), train=train, download=False)
+    except RuntimeError as error:
+        raise _missing_dataset(name, root, str(error)) from None
+    if list(dataset.classes) != NAMED_DATASETS[name]:
+        raise UserError(f"{name} in {root} lists classes {dataset.classes}, not the expected ones.")
+    return torch.from_numpy(dataset.data), torch.tensor(dataset.targets)
+
+
+# --- the data module -------------------------------------------------------------
+
+
+def default_num_workers() -> int:
+    """Loader workers per process: the usable cores, at most 8."""
+    return min(8, len(os.sched_getaffinity(0)))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Loaders for a named torchvision dataset or a folder of labelled images."""
+
+    def __init__(
+        self,
+        dataset: str | None = "FashionMNIST",
+        root: str = "data",
+        download: bool = True,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        image_size: int = 224,
+        val_split: float = 0.1,
+        test_split: float = 0.1,
+        seed: int = 42,
+        predict_dir: str | None = None,
+        classes: list[str] | None = None,
+    ) -> None:
+        """
+        Args:
+            dataset: A torchvision dataset name (MNIST, FashionMNIST, CIFAR10, CIFAR100), or null for an image folder.
+            root: The image folder, or where a named dataset is stored or downloaded.
+            download: Download a named dataset into root when it is not there.
+            batch_size: Images per batch and per device.
+            num_workers: Loader worker processes per device; null picks the usable cores (at most 8).
+            image_size: Side of the square images the model sees, in pixels.
+            val_split: Fraction of each class held out for validation when there is no val folder.
+            test_split: Fraction of each class held out for testing when there is no test folder (folders only).
+            seed: Seed of the stratified split; keep it to evaluate the same held-out images later.
+            predict_dir: A folder (searched recursively) or one image file, for predict.
+            classes: The expected class names (set from the checkpoint for test/predict); null reads them from the data.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if dataset is not None and dataset not in NAMED_DATASETS:
+            raise UserError(
+                f"Unknown dataset {dataset!r}. Choose one of {', '.join(NAMED_DATASETS)}, "
+                "or null for an image folder given by --data.root."
+            )
+        for option, value in (("val_split", val_split), ("test_split", test_split)):
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"data.{option} is {value}; it must be a fraction in [0, 1).")
+        if val_split + test_split >= 1.0:
+            raise UserError(
+                f"data.val_split + data.test_split is {val_split + test_split:g}; "
+                "it must stay below 1 to leave images for training."
+            )
+        if batch_size < 1 or image_size < 1:
+            raise UserError("data.batch_size and data.image_size must be positive integers.")
+        self.dataset = dataset
+        self.root = Path(root).expanduser()
+        self.download = download
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.image_size = image_size
+        self.val_split = val_split
+        self.test_split = test_split
+        self.seed = seed
+        self.predict_dir = predict_dir
+        self.class_names = self._resolve_class_names(classes)
+        self.datasets: dict[str, FolderDataset | TensorImageDataset | PredictDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    # -- classes, known before setup() --
+
+    def _resolve_class_names(self, expected: list[str] | None) -> list[str]:
+        if self.dataset is not None:
+            found = NAMED_DATASETS[self.dataset]
+        elif not self.root.is_dir() and expected is not None:
+            return list(expected)  # e.g. predict on another machine: the folder is checked in setup
+        else:
+            found = self._folder_classes()
+        if expected is not None and list(expected) != found:
+            raise UserError(
+                f"The checkpoint's classes do not match the data in {self.root}.\n"
+                f"  checkpoint ({len(expected)}): {list(expected)}\n"
+                f"  data       ({len(found)}): {found}\n"
+                "Pass the data the model was trained on (--data.root, --data.dataset), "
+                "or fine-tune a new model on this data with fit --model.weights CHECKPOINT."
+            )
+        return found
+
+    def _split_dirs(self) -> dict[str, Path]:
+        """The folders of the splits that have one: `root/train` etc., or `root` alone as train."""
+        if not self.root.is_dir():
+            raise UserError(
+                f"Image folder {self.root} does not exist. Pass --data.root DIR with "
+                "DIR/<class>/*.jpg or DIR/{train,val,test}/<class>/*.jpg, or a named --data.dataset."
+            )
+        if (self.root / "train").is_dir():
+            return {s: self.root / s for s in SPLITS if (self.root / s).is_dir()}
+        return {"train": self.root}
+
+    def _folder_classes(self) -> list[str]:
+        train = self._split_dirs()["train"]
+        names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            raise UserError(
+                f"No class folders in {train}. Put each class's images in its own folder: {train}/<class>/*.jpg."
+            )
+        return names
+
+    # -- data, built in setup() --
+
+    def prepare_data(self) -> None:
+        """Download a named dataset once per node."""
+        if self.dataset is not None and self.download:
+            download_named(self.dataset, self.root)
+
+    def setup(self, stage: str) -> None:
+        """Build the datasets `stage` needs."""
+        if stage == "predict":
+            self.datasets["predict"] = PredictDataset(self._predict_paths(), eval_transform(self.image_size))
+            return
+        if "train" not in self.datasets:
+            self._build_labelled()
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        for split in needed:
+            if len(self.datasets[split]) == 0:
+                raise UserError(
+                    f"The {split} set is empty. Raise --data.{split}_split, add {self.root}/{split}/<class>/ "
+                    "folders, or add images."
+                )
+
+    def _build_labelled(self) -> None:
+        train_tf, eval_tf = train_transform(self.image_size), eval_transform(self.image_size)
+        if self.dataset is not None:
+            images, labels = read_named(self.dataset, self.root, train=True)
+            rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
+            test_images, test_labels = read_named(self.dataset, self.root, train=False)
+            self.datasets = {
+                "train": TensorImageDataset(images[rest], labels[rest], train_tf),
+                "val": TensorImageDataset(images[val], labels[val], eval_tf),
+                "test": TensorImageDataset(test_images, test_labels, eval_tf),
+            }
+            return
+        dirs = self._split_dirs()
+        samples = {split: self._folder_samples(folder, split == "train") for split, folder in dirs.items()}
+        # Splits without a folder of their own are carved out of train.
+        carve = [s for s in ("val", "test") if s not in samples]
+        fractions = [self.val_split if s == "val" else self.test_split for s in carve]
+        train = samples["train"]
+        parts = stratified_split([label for _, label in train], fractions, self.seed)
+        samples["train"] = [train[i] for i in parts[0]]
+        for split, indices in zip(carve, parts[1:], strict=True):
+            samples[split] = [train[i] for i in indices]
+        self.datasets = {
+            split: FolderDataset(samples[split], train_tf if split == "train" else eval_tf) for split in SPLITS
+        }
+
+    def _folder_samples(self, folder: Path, is_train: bool) -> list[tuple[Path, int]]:
+        known = set(self.class_names)
+        extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in known and p.name[0] != ".")
+        if extra:
+            raise UserError(
+                f"{folder} has class folders {extra} that are not among the classes {self.class_names}. "
+                "Every split must use the class folders of train."
+            )
+        samples = []
+        for label, name in enumerate(self.class_names):
+            class_dir = folder / name
+            images = list_images(class_dir) if class_dir.is_dir() else []
+            if not images and is_train:
+                raise UserError(
+                    f"Class folder {class_dir} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}). "
+                    "Add images or remove the folder."
+                )
+            samples += [(path, label) for path in images]
+        return samples
+
+    def _predict_paths(self) -> list[Path]:
+        if self.predict_dir is None:
+            raise UserError("predict needs images: pass --data.predict_dir DIR (or one image file).")
+        target = Path(self.predict_dir).expanduser()
+        if target.is_file():
+            if not is_image_file(target):
+                raise UserError(f"{target} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+            return [target]
+        if not target.is_dir():
+            raise UserError(f"predict_dir {target} does not exist. Pass an existing folder or image file.")
+        paths = list_images(target)
+        if not paths:
+            raise UserError(f"No images in {target} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        return paths
+
+    @property
+    def predict_paths(self) -> list[Path]:
+        """The image paths of the predict set, in dataset-index order."""
+        dataset = self.datasets["predict"]
+        assert isinstance(dataset, PredictDataset)
+        return dataset.paths
+
+    # -- loaders --
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        dataset = self.datasets[split]
+        on_cuda = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            # A last batch of one image breaks BatchNorm in training; drop the remainder.
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=on_cuda,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")

@@ -1,0 +1,165 @@
+"""TransferLearningModel: a pretrained backbone, a new linear head, one shared step.
+
+The backbone is a torchvision classifier whose final layer became `nn.Identity`
+(see `backbones.py`); the head is a fresh `Linear(in_features, num_classes)`.
+`finetune="full"` trains both; `finetune="head"` freezes the backbone, keeps its
+BatchNorm layers in eval mode so their running statistics do not drift, and gives
+only the head to the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from tl_project.backbones import build_backbone
+from tl_project.errors import UserError
+
+STAGES = ("train", "val", "test")
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """The recipe's optimizer: SGD(lr=0.001, momentum=0.9)."""
+    return torch.optim.SGD(params, lr=0.001, momentum=0.9)
+
+
+def stage_metrics(stage: str, num_classes: int) -> MetricCollection:
+    """Top-1 accuracy (correct/total) for every stage; top-5 and macro accuracy for test."""
+    metrics: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+    if stage == "test":
+        metrics["acc_macro"] = MulticlassAccuracy(num_classes, average="macro")
+        if num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=f"{stage}/")
+
+
+class TransferLearningModel(L.LightningModule):
+    """A pretrained torchvision backbone with a new classification head."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        backbone: str = "resnet50",
+        weights: str | None = "IMAGENET1K_V2",
+        finetune: Literal["full", "head"] = "full",
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """
+        Args:
+            num_classes: Number of classes (linked from the data).
+            class_names: Class names in label order (linked from the data); saved in checkpoints.
+            backbone: A torchvision classification model name, e.g. resnet50, efficientnet_b0, convnext_tiny.
+            weights: A torchvision weights name (IMAGENET1K_V2, DEFAULT, ...), a .pth/.pt state_dict or a tl_project .ckpt path, or null for random init.
+            finetune: full trains every layer; head freezes the backbone (BatchNorm statistics included).
+            label_smoothing: Label smoothing of the cross-entropy loss, 0 for none.
+            optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
+            lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
+        """
+        super().__init__()
+        # Optimizer factories are callables, not plain values: the run's config.yaml records them.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if num_classes < 1:
+            raise UserError(f"num_classes is {num_classes}; the data must have at least one class.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise UserError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.finetune = finetune
+        self.optimizer_factory = optimizer or default_optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+        self.backbone, in_features = build_backbone(backbone, weights)
+        self.head = nn.Linear(in_features, num_classes)
+        if finetune == "head":
+            self.backbone.requires_grad_(False)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_metrics = stage_metrics("train", num_classes)
+        self.val_metrics = stage_metrics("val", num_classes)
+        self.test_metrics = stage_metrics("test", num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch of normalised images."""
+        return self.head(self.backbone(images))
+
+    def train(self, mode: bool = True) -> TransferLearningModel:
+        """Set train/eval mode; a frozen backbone always stays in eval mode (BatchNorm statistics fixed)."""
+        super().train(mode)
+        if self.finetune == "head":
+            self.backbone.eval()
+        return self
+
+    # -- steps --
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits, labels)
+        self.log(f"{stage}/loss", loss, on_epoch=True, on_step=False, sync_dist=True, batch_size=len(labels))
+        self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage != "test")
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train")
+        # The live loss of the step, for the progress bar only.
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        accuracy = self.test_metrics["acc"].compute()  # synchronised across processes
+        self.print(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        images, indices = batch
+        probabilities = self(images).softmax(dim=1)
+        top_probabilities, top_classes = probabilities.topk(min(5, self.num_classes), dim=1)
+        return {"index": indices, "top_classes": top_classes, "top_probabilities": top_probabilities}
+
+    # -- optimisation --
+
+    def configure_optimizers(self) -> Any:
+        # With a frozen backbone only the head's parameters require gradients.
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # -- checkpoints --
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        saved_names = saved.get("class_names") or [str(i) for i in range(saved.get("num_classes", 0))]
+        if saved_names and saved_names != self.class_names:
+            raise UserError(
+                "The checkpoint's classes do not match the data.\n"
+                f"  checkpoint ({len(saved_names)}): {saved_names}\n"
+                f"  data       ({len(self.class_names)}): {self.class_names}\n"
+                "Pass the data the model was trained on, or fine-tune on this data with "
+                "fit --model.weights CHECKPOINT."
+            )
+        if saved.get("backbone", self.hparams["backbone"]) != self.hparams["backbone"]:
+            raise UserError(
+                f"The checkpoint holds a {saved['backbone']!r} backbone, not {self.hparams['backbone']!r}: "
+                f"pass --model.backbone {saved['backbone']}."
+            )
