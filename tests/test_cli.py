@@ -89,15 +89,33 @@ def test_checkpoint_holds_plain_hyperparameters_of_model_and_data(trained: dict[
     assert data_hp["root"] == str(trained["root"]) and data_hp["image_size"] == 32
 
 
-def test_new_run_never_overwrites_an_earlier_one(trained: dict[str, Path], tmp_path: Path) -> None:
+def test_new_run_never_overwrites_an_earlier_one(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     runs = tmp_path / "runs"
-    args = fit_args(trained["root"], runs, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    args = fit_args(trained["root"], runs, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3")
     main(args)
     first = run_dirs(runs)[0] / "checkpoints" / "last.ckpt"
     before = first.read_bytes()
     main(args)
     assert [p.name for p in run_dirs(runs)] == ["version_0", "version_1"]
     assert first.read_bytes() == before
+
+    # Each fit ends with a summary: the best checkpoint and the measured throughput.
+    out = capfd.readouterr().out
+    assert re.search(r"Best checkpoint: .*version_1/checkpoints/epoch=0-val_acc=\d\.\d{4}\.ckpt \(val/acc", out)
+    assert re.search(r"Training throughput: \d+\.\d images/s \(8 images in ", out)  # batches 2 and 3 of 4
+
+
+def test_undecodable_image_stops_fit_with_its_path(
+    image_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (image_folder / "dog" / "broken.png").write_bytes(b"\x89PNG but not really")
+    args = fit_args(image_folder, tmp_path / "runs", "--data.num_workers", "1", "--data.val_split", "0.5")
+    assert exit_code(args) == 2
+    err = capfd.readouterr().err
+    assert re.search(r"^error: Cannot decode image .*dog/broken\.png", err, re.MULTILINE)
+    assert "Traceback" not in err
 
 
 # --- test and predict from the checkpoint alone ---

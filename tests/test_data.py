@@ -224,6 +224,14 @@ def test_fashion_mnist_from_raw_idx_files(tmp_path: Path, layout: str) -> None:
     assert len(data.datasets["test"]) == 20
 
 
+def test_cifar_classes_known_before_the_download(tmp_path: Path) -> None:
+    assert ImageDataModule(dataset="CIFAR10", root=str(tmp_path)).class_names[:2] == ["airplane", "automobile"]
+    cifar100 = ImageDataModule(dataset="CIFAR100", root=str(tmp_path), download=False)
+    assert cifar100.num_classes == 100 and cifar100.class_names[-1] == "worm"
+    with pytest.raises(UserError, match=r"CIFAR100 is not in .*--data.download true"):
+        cifar100.setup("fit")
+
+
 def test_named_dataset_missing_offline_says_how_to_get_it(tmp_path: Path) -> None:
     data = ImageDataModule(root=str(tmp_path), download=False)
     with pytest.raises(UserError, match=r"FashionMNIST is not in .*apt-get install dataset-fashion-mnist"):

@@ -1,15 +1,16 @@
-"""Small callbacks: the checkpoint with a stable `best.ckpt` name, and the prediction writer."""
+"""Small callbacks: a stable `best.ckpt` name, the prediction writer, the end-of-fit summary."""
 
 from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch.distributed as dist
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
 
 class Checkpoint(ModelCheckpoint):
@@ -101,3 +102,48 @@ class PredictionWriter(BasePredictionWriter):
                     line += [names[c], f"{p:.6f}"]
                 writer.writerow(line)
         print(f"Predictions for {len(rows)} images written to {self.path}")
+
+
+class FitSummary(Callback):
+    """Prints at the end of `fit`: the best checkpoint with its score, and training throughput.
+
+    Throughput is steady-state: from the end of each epoch's first batch (start-up,
+    worker spawn and warm-up excluded) to the end of its last, data loading included,
+    validation excluded, summed over all processes.
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.images += len(batch[1]) * trainer.world_size
+            self.seconds += now - self._last
+        self._last = now
+
+    @property
+    def images_per_second(self) -> float | None:
+        """Training images per second over all processes, or None before a second batch."""
+        return self.images / self.seconds if self.seconds else None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
+            score = checkpoint.best_model_score
+            shown = f" ({checkpoint.monitor} {score.item():.4f})" if score is not None else ""
+            print(f"Best checkpoint: {checkpoint.best_model_path}{shown}")
+        if self.images_per_second is not None:
+            print(
+                f"Training throughput: {self.images_per_second:.1f} images/s "
+                f"({self.images} images in {self.seconds:.1f} s, first batch of each epoch excluded)"
+            )

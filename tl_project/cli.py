@@ -5,7 +5,7 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 - `--config NAME.yaml` (or `NAME`) that is not a file here is looked up in `configs/`;
 - the data's `num_classes` and `class_names` linked into the model;
 - default callbacks: `Checkpoint` (best by `val/acc`, `last.ckpt`, `best.ckpt`),
-  `LearningRateMonitor` while fitting, `PredictionWriter` while predicting, and a
+  `LearningRateMonitor` and `FitSummary` while fitting, `PredictionWriter` while predicting, and a
   CSV logger that gives every run a new `runs/version_N/` folder;
 - `validate`/`test`/`predict --ckpt_path X` rebuild the model and the data from the
   checkpoint's hyper-parameters, so no config is needed; explicit flags still win.
@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from tl_project.backbones import load_trusted
-from tl_project.callbacks import Checkpoint, PredictionWriter
+from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError, user_message
 from tl_project.model import TransferLearningModel
@@ -126,6 +126,7 @@ class TransferLearningCLI(LightningCLI):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
             config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
         if self.subcommand == "fit":
+            callbacks.append(FitSummary())
             if config["logger"]:
                 callbacks.append(LearningRateMonitor())
         else:
