@@ -278,7 +278,7 @@ def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_fit_then_test(tmp_path: Path) -> None:
+def test_ddp_on_two_cpu_processes_fit_test_predict(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -292,3 +292,13 @@ def test_ddp_on_two_cpu_processes_fit_then_test(tmp_path: Path) -> None:
     result = subprocess.run(test, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(ACCURACY_LINE.findall(result.stdout)) == 1  # printed by rank 0 only
+
+    # 7 images on 2 processes: the sampler repeats one to even the shares; the file has each once.
+    photos = make_image_folder(tmp_path / "photos", {"x": (200, 200, 0)}, per_class=7)
+    predict = [sys.executable, "-m", "tl_project", "predict", "--ckpt_path", str(best), "--data.predict_dir"]
+    result = subprocess.run(
+        [*predict, str(photos), *QUIET, *ddp], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(run_dirs(tmp_path / "runs")[-1] / "predictions.csv")
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in photos.rglob("*.png"))
