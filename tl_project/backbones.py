@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
+from tl_project.checkpoints import load_trusted
 from tl_project.errors import UserError
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -156,18 +156,6 @@ def read_weights_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
         f"{path} is neither a state_dict (a dict of tensors) nor a tl_project checkpoint. "
         "Save weights with torch.save(model.state_dict(), path)."
     )
-
-
-def load_trusted(file: Path, what: str) -> Any:
-    """`torch.load(file, weights_only=True)`: tensors and plain types only, never code."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(
-            f"Cannot read {what} {file} as plain tensors and values (weights_only=True): "
-            f"{str(error).splitlines()[0]}. Only load files from a source you trust, saved with "
-            "torch.save(state_dict) or by tl_project."
-        ) from error
 
 
 def _load_backbone_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], head_name: str, source: str) -> None:

@@ -11,23 +11,48 @@ from typing import Any
 import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class Checkpoint(ModelCheckpoint):
-    """`ModelCheckpoint` that also keeps `best.ckpt`, a link to the best checkpoint so far."""
+    """`ModelCheckpoint` that keeps `last.ckpt` current and `best.ckpt` pointing at the best.
+
+    - `last.ckpt` is rewritten at every validation (Lightning 2.6 rewrites it only when
+      a new best is saved, so a crash could lose every epoch since the last best);
+    - `best.ckpt` is a link to the best checkpoint so far;
+    - SIGTERM (a scheduler's notice before preemption) writes `last.ckpt` before the
+      run stops.
+    """
 
     BEST_NAME = "best.ckpt"
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):  # where the parent saves: after validation
+            self._keep_last_current(trainer)
         self._link_best(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):  # e.g. several validations an epoch
+            self._keep_last_current(trainer)
         self._link_best(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        # Only on SIGTERM: after any other error the weights may be broken (e.g. a NaN loss).
+        if isinstance(exception, SIGTERMException) and self.save_last:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _keep_last_current(self, trainer: L.Trainer) -> None:
+        if self._should_skip_saving_checkpoint(trainer) or self._last_global_step_saved == trainer.global_step:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _link_best(self, trainer: L.Trainer) -> None:
         if not (trainer.is_global_zero and self.best_model_path and self.dirpath):
+            return
+        if Path(self.best_model_path).parent != Path(self.dirpath):  # e.g. resumed: the best is in the earlier run
             return
         link = Path(self.dirpath) / self.BEST_NAME
         target = os.path.basename(self.best_model_path)

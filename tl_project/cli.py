@@ -8,25 +8,35 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
   `LearningRateMonitor` and `FitSummary` while fitting, `PredictionWriter` while predicting, and a
   CSV logger that gives every run a new `runs/version_N/` folder;
 - `validate`/`test`/`predict --ckpt_path X` rebuild the model and the data from the
-  checkpoint's hyper-parameters, so no config is needed; explicit flags still win.
+  checkpoint's hyper-parameters, so no config is needed; explicit flags still win;
+- `--ckpt_path last|best` finds the newest run's file; every checkpoint is checked
+  (`checkpoints.py`) before Lightning reads it;
+- `fit` checks that the output folder is writable and has room before training;
+  SIGTERM saves `last.ckpt` and exits with 143.
 """
 
 from __future__ import annotations
 
 import inspect
+import shutil
+import signal
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_project.backbones import load_trusted
 from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter
+from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError, user_message
 from tl_project.model import TransferLearningModel
@@ -59,15 +69,12 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
     return resolved
 
 
-def checkpoint_defaults(ckpt_path: str) -> dict[str, Any]:
+def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """`model.*` and `data.*` defaults from a checkpoint's saved hyper-parameters."""
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"Checkpoint {ckpt_path} does not exist. Pass --ckpt_path PATH/TO/FILE.ckpt.")
-    checkpoint = load_trusted(Path(ckpt_path), what="checkpoint")
     model_hp = dict(checkpoint.get("hyper_parameters") or {})
     data_hp = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     if not model_hp:
-        raise UserError(f"{ckpt_path} holds no model hyper-parameters; is it a tl_project checkpoint?")
+        raise UserError("The checkpoint holds no model hyper-parameters; is it a tl_project checkpoint?")
     # The checkpoint holds every weight: build the model without loading pretrained ones.
     model_hp["weights"] = None
     data_hp["classes"] = model_hp.get("class_names")
@@ -78,6 +85,27 @@ def checkpoint_defaults(ckpt_path: str) -> dict[str, Any]:
         skip = {"self", "num_classes", "class_names"} if cls is TransferLearningModel else {"self"}
         defaults |= {f"{prefix}.{k}": v for k, v in values.items() if k in params and k not in skip}
     return defaults
+
+
+def check_output_dir(root: Path, model: torch.nn.Module) -> None:
+    """Fail before training when `root` cannot hold this run's checkpoints."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root) as probe:
+            probe.write(b"probe")
+    except OSError as error:
+        raise UserError(
+            f"Cannot write to the output folder {root}: {error.strerror or error}. "
+            "Pass --trainer.default_root_dir with a writable folder."
+        ) from None
+    # A checkpoint holds the weights and about as much optimizer state; fit keeps best and last.
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needed, free = 2 * 3 * weights, shutil.disk_usage(root).free
+    if free < needed:
+        raise UserError(
+            f"Only {free / 2**20:.0f} MiB free in {root}; this run's checkpoints need about "
+            f"{needed / 2**20:.0f} MiB. Free some space or pass --trainer.default_root_dir elsewhere."
+        )
 
 
 class TransferLearningCLI(LightningCLI):
@@ -112,19 +140,36 @@ class TransferLearningCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand in EVAL_SUBCOMMANDS else None
-        if ckpt_path:
+        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+            return
+        root_dir = self.config[subcommand].trainer.default_root_dir or "runs"
+        ckpt_path = find_checkpoint(self.config[subcommand].ckpt_path, root_dir)
+        checkpoint = read_checkpoint(ckpt_path)  # refuses unsafe files before Lightning sees them
+        if subcommand in EVAL_SUBCOMMANDS:
             # The checkpoint's settings become defaults, then parse again: configs and flags win.
-            self._subcommand_parsers[subcommand].set_defaults(checkpoint_defaults(ckpt_path))
+            self._subcommand_parsers[subcommand].set_defaults(checkpoint_defaults(checkpoint))
             super().parse_arguments(parser, args)
+        self.config[subcommand].ckpt_path = ckpt_path
 
     def _parse_ckpt_path(self) -> None:
         """Done in `parse_arguments`, where the checkpoint's values rank below explicit ones."""
+
+    def before_instantiate_classes(self) -> None:
+        subcommand_config = self.config[self.subcommand]
+        if subcommand_config.get("weights_only", False) is None:
+            subcommand_config.weights_only = True  # Trainer reads checkpoints as tensors and plain values
+
+    def before_fit(self) -> None:
+        check_output_dir(Path(self.trainer.default_root_dir), self.model)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         if config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
             config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if self.subcommand == "fit":
             callbacks.append(FitSummary())
             if config["logger"]:
@@ -162,3 +207,10 @@ def main(args: Sequence[str] | None = None) -> None:
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        print(
+            "Stopped by SIGTERM; last.ckpt holds the state at the stop. "
+            "Resume with the same command plus --ckpt_path last.",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None

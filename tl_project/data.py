@@ -20,19 +20,22 @@ extension are ignored.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import torchvision
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tl_project.errors import UserError
 from tl_project.transforms import eval_transform, train_transform
@@ -101,50 +104,91 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class FolderDataset(Dataset):
+class ImageDataset(Dataset):
+    """Base of the datasets: `load(index)` gives (image, target), then `transform` applies.
+
+    An item is an index, or `(epoch, index)` from `EpochSampler`: then the random
+    augmentation is drawn from `(seed, epoch, index)` alone, whatever the process,
+    worker or RNG state, so a resumed run augments exactly as an uninterrupted one.
+    """
+
+    def __init__(self, transform: Callable, seed: int = 0) -> None:
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if not isinstance(item, tuple):
+            image, target = self.load(item)
+            return self.transform(image), target
+        epoch, index = item
+        image, target = self.load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.transform(image), target
+
+
+class FolderDataset(ImageDataset):
     """(image, label) pairs from image files; labels are class indices."""
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable) -> None:
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable, seed: int = 0) -> None:
+        super().__init__(transform, seed)
         self.samples = list(samples)
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return self.transform(load_image(path)), label
+        return load_image(path), label
 
 
-class PredictDataset(Dataset):
+class PredictDataset(ImageDataset):
     """(image, index) pairs for unlabelled images; the index finds the path again."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
+        super().__init__(transform)
         self.paths = list(paths)
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.paths[index])), index
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return load_image(self.paths[index]), index
 
 
-class TensorImageDataset(Dataset):
+class TensorImageDataset(ImageDataset):
     """(image, label) pairs from in-memory uint8 images, N x H x W (gray) or N x H x W x C."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable, seed: int = 0) -> None:
+        super().__init__(transform, seed)
         self.images = images
         self.labels = labels
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index]
         image = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
-        return self.transform(image), int(self.labels[index])
+        return image, int(self.labels[index])
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffles by `(seed, epoch)` and yields `(epoch, index)`: see `ImageDataset`.
+
+    A `DistributedSampler` (one replica when not distributed), so Lightning keeps it
+    under DDP and calls `set_epoch` on it every epoch.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
 
 
 # --- splits ----------------------------------------------------------------------
@@ -308,7 +352,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.predict_dir = predict_dir
         self.class_names = self._resolve_class_names(classes)
-        self.datasets: dict[str, FolderDataset | TensorImageDataset | PredictDataset] = {}
+        self.datasets: dict[str, ImageDataset] = {}
 
     @property
     def num_classes(self) -> int:
@@ -383,7 +427,7 @@ class ImageDataModule(L.LightningDataModule):
             rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
             test_images, test_labels = read_named(self.dataset, self.root, train=False)
             self.datasets = {
-                "train": TensorImageDataset(images[rest], labels[rest], train_tf),
+                "train": TensorImageDataset(images[rest], labels[rest], train_tf, self.seed),
                 "val": TensorImageDataset(images[val], labels[val], eval_tf),
                 "test": TensorImageDataset(test_images, test_labels, eval_tf),
             }
@@ -446,22 +490,29 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- loaders --
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
-        on_cuda = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler: Sampler | None = None
+        if train:
+            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        elif world > 1 and len(dataset) >= world:
+            # Each image evaluated exactly once: no padding with repeats, as DistributedSampler would.
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            # A last batch of one image breaks BatchNorm in training; drop the remainder.
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            sampler=sampler,
+            # A last training batch of one image breaks BatchNorm: drop the remainder.
+            drop_last=train and math.ceil(len(dataset) / world) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=on_cuda,
+            pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -15,10 +15,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tl_project.backbones import build_backbone
+from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
 
 STAGES = ("train", "val", "test")
@@ -85,6 +86,8 @@ class TransferLearningModel(L.LightningModule):
         self.train_metrics = stage_metrics("train", num_classes)
         self.val_metrics = stage_metrics("val", num_classes)
         self.test_metrics = stage_metrics("test", num_classes)
+        # Mean loss weighted by images, summed across processes: exact under DDP too.
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of normalised images."""
@@ -103,9 +106,10 @@ class TransferLearningModel(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.loss_fn(logits, labels)
-        metrics = getattr(self, f"{stage}_metrics")
+        metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         metrics.update(logits, labels)
-        self.log(f"{stage}/loss", loss, on_epoch=True, on_step=False, sync_dist=True, batch_size=len(labels))
+        mean_loss.update(loss.detach(), weight=len(labels))
+        self.log(f"{stage}/loss", mean_loss, on_epoch=True, on_step=False)
         self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage != "test")
         return loss
 
@@ -113,7 +117,21 @@ class TransferLearningModel(L.LightningModule):
         loss = self._shared_step(batch, "train")
         # The live loss of the step, for the progress bar only.
         self.log("loss", loss, prog_bar=True, logger=False)
+        self._stop_unless_finite(loss)
         return loss
+
+    def _stop_unless_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
+        diverged = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # every rank stops together, none waits for the others
+            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            raise UserError(
+                f"The training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                "training diverged and stopped; no checkpoint of it was written. Lower the learning rate "
+                "(--model.optimizer.init_args.lr), clip gradients (--trainer.gradient_clip_val 1.0), "
+                "or check the data."
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -146,6 +164,13 @@ class TransferLearningModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # -- checkpoints --
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """`LightningModule.load_from_checkpoint`, after `read_checkpoint` has vetted the file."""
+        read_checkpoint(checkpoint_path)
+        kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})

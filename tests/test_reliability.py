@@ -1,0 +1,348 @@
+"""Nothing lost, nothing trusted blindly: unsafe checkpoints, interrupted writes, resume parity,
+SIGTERM, divergence, exact distributed evaluation, failures on one rank, two nodes, offline,
+unwritable output folders.
+
+Runs use the real ResNet-50 architecture at 32 px on tiny generated folders, random init.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import COLORS, make_image_folder
+from tests.helpers import MARKER_ENV
+from tests.test_cli import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
+from tl_project import TransferLearningModel, main
+from tl_project.backbones import build_backbone
+from tl_project.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tl_project", *args]
+
+
+def run(command: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **env}
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment, timeout=timeout)
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.fixture
+def small_run(image_folder: Path, tmp_path: Path) -> Path:
+    """One finished 1-epoch run; returns its checkpoints folder."""
+    main(fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1"))
+    return run_dirs(tmp_path / "runs")[0] / "checkpoints"
+
+
+# --- checkpoints you can trust ---
+
+
+@pytest.fixture
+def marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The file a payload would write; it must never exist."""
+    path = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(path))
+    yield path
+    assert not path.exists(), "the payload ran"
+
+
+def crafted(small_run: Path, tmp_path: Path, key: str, value: object) -> Path:
+    """A copy of a genuine checkpoint with one hyper-parameter set to `value`."""
+    checkpoint = torch.load(small_run / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"][key] = value
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+class _Payload:
+    def __reduce__(self) -> tuple:
+        from tests.helpers import write_marker
+
+        return (write_marker, ())
+
+
+def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(
+    small_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], marker: Path
+) -> None:
+    path = crafted(small_run, tmp_path, "note", _Payload())
+    for command in (["test", "--ckpt_path", str(path)], [*fit_args(tmp_path, tmp_path), "--ckpt_path", str(path)]):
+        assert exit_code(command) == 2
+        assert "weights_only=True" in capfd.readouterr().err
+    with pytest.raises(UserError, match="weights_only=True"):
+        TransferLearningModel.load_from_checkpoint(path)
+
+
+def test_checkpoint_naming_an_unknown_instantiator_is_refused(
+    small_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], marker: Path
+) -> None:
+    # Plain strings only, so weights_only=True reads it; Lightning would import and call it.
+    path = crafted(small_run, tmp_path, "_instantiator", "tests.helpers.write_marker")
+    assert exit_code(["test", "--ckpt_path", str(path)]) == 2
+    assert "unknown instantiator 'tests.helpers.write_marker'" in capfd.readouterr().err
+    with pytest.raises(UserError, match="unknown instantiator"):
+        TransferLearningModel.load_from_checkpoint(path)
+    # The genuine checkpoint loads through the same checks.
+    assert TransferLearningModel.load_from_checkpoint(small_run / "last.ckpt", weights=None).num_classes == 3
+
+
+KILL_DURING_SAVE = """
+import io, os, signal, sys, torch
+from tl_project import main
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    # Die halfway through writing epoch 1's last.ckpt, whatever file it is written to first.
+    if isinstance(obj, dict) and obj.get("epoch") == 1 and "last.ckpt" in str(getattr(f, "name", f)):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+main(sys.argv[1:])
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(image_folder: Path, tmp_path: Path) -> None:
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(KILL_DURING_SAVE)
+    args = fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "3")
+    result = run([sys.executable, str(script), *args], cwd=tmp_path)
+    assert result.returncode == -signal.SIGKILL
+    last = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)  # whole, and loadable
+    assert checkpoint["epoch"] == 0
+
+
+# --- resume to the same result ---
+
+
+def test_resume_gives_the_same_weights_and_schedule_as_one_run(image_folder: Path, tmp_path: Path) -> None:
+    schedule = [
+        "--model.lr_scheduler",
+        "StepLR",
+        "--model.lr_scheduler.step_size",
+        "1",
+        "--model.lr_scheduler.gamma",
+        "0.5",
+    ]
+    main(fit_args(image_folder, tmp_path / "straight", "--trainer.max_epochs", "2", *schedule))
+    main(fit_args(image_folder, tmp_path / "split", "--trainer.max_epochs", "1", *schedule))
+    main(fit_args(image_folder, tmp_path / "split", "--trainer.max_epochs", "2", *schedule, "--ckpt_path", "last"))
+
+    straight = torch.load(run_dirs(tmp_path / "straight")[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(run_dirs(tmp_path / "split")[1] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert straight["epoch"] == resumed["epoch"] == 1
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert straight["lr_schedulers"] == resumed["lr_schedulers"]
+    assert straight["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.00025)
+    assert resumed["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.00025)
+
+
+def test_ckpt_path_last_finds_the_newest_run(
+    small_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    main(["test", "--ckpt_path", "last", "--trainer.default_root_dir", str(runs), *QUIET])
+    assert ACCURACY_LINE.search(capfd.readouterr().out)
+    assert exit_code(["test", "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "none")]) == 2
+    assert "no " in capfd.readouterr().err
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=30)
+    args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "50", "--data.batch_size", "2")
+    process = subprocess.Popen(
+        cli(*args),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    metrics = tmp_path / "runs" / "version_0" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the first epoch has ended and logged its loss
+        if metrics.exists() and "train/loss" in metrics.read_text():
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)  # now in the middle of the second epoch
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Stopped by SIGTERM" in err and "Traceback" not in err
+    stopped = torch.load(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["global_step"] > stopped["epoch"] * 36  # saved mid-epoch: 36 steps an epoch
+
+    resume = [*args, "--trainer.max_epochs", str(stopped["epoch"] + 2), "--ckpt_path", "last"]
+    result = run(cli(*resume), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = torch.load(run_dirs(tmp_path / "runs")[-1] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] > stopped["global_step"] and final["epoch"] == stopped["epoch"] + 1
+
+
+def test_nan_loss_stops_the_run_and_leaves_no_checkpoint_of_it(
+    image_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    args = fit_args(image_folder, tmp_path / "runs", "--model.optimizer.lr", "1e30")
+    assert exit_code(args) == 2
+    assert re.search(r"training loss is (nan|inf|-inf) at epoch 0", capfd.readouterr().err)
+    checkpoints = run_dirs(tmp_path / "runs")[0] / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
+# --- distributed runs ---
+
+
+@pytest.mark.slow
+def test_ddp_test_counts_each_image_once(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "images" / "train", COLORS, per_class=6)
+    make_image_folder(tmp_path / "images" / "test", {"cat": COLORS["cat"], "dog": COLORS["dog"]}, per_class=3)
+    (tmp_path / "images" / "test" / "dog" / "002.png").unlink()  # 5 test images: odd, 2 processes
+    main(fit_args(tmp_path / "images", tmp_path / "runs", "--trainer.max_epochs", "1"))
+    best = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt"
+
+    one = run(cli("test", "--ckpt_path", str(best), *QUIET), cwd=tmp_path)
+    two = run(cli("test", "--ckpt_path", str(best), *QUIET, *DDP), cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert ACCURACY_LINE.findall(one.stdout) == ACCURACY_LINE.findall(two.stdout)
+    assert len(ACCURACY_LINE.findall(one.stdout)) == 1
+    # The mean loss too: a repeated image, or an unweighted mean of the two processes, would move it.
+    one_run, two_run = run_dirs(tmp_path / "runs")[-2:]
+    one_logged, two_logged = read_csv(one_run / "metrics.csv")[-1], read_csv(two_run / "metrics.csv")[-1]
+    assert float(one_logged["test/loss"]) == pytest.approx(float(two_logged["test/loss"]), rel=1e-5)
+    assert one_logged["test/acc"] == two_logged["test/acc"]
+
+
+@pytest.mark.slow
+def test_failure_on_one_rank_ends_the_whole_job(image_folder: Path, tmp_path: Path) -> None:
+    args = fit_args(
+        image_folder, tmp_path / "runs", "--trainer.max_epochs", "3", "--trainer.callbacks", "tests.helpers.FailOnRank"
+    )
+    start = time.monotonic()
+    result = run(cli(*args, *DDP), cwd=tmp_path, timeout=240)
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stderr
+    assert time.monotonic() - start < 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_over_loopback(image_folder: Path, tmp_path: Path) -> None:
+    args = cli(*fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1"))
+    args += [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.num_nodes",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    nodes = [
+        subprocess.Popen(
+            args,
+            cwd=tmp_path,
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "Starting with 2 processes" in outputs[0][1] + outputs[0][0]
+    assert (run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+# --- offline and environment ---
+
+
+@contextmanager
+def no_sockets(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    attempts: list[object] = []
+
+    def refuse(self: socket.socket, address: object) -> None:
+        attempts.append(address)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    yield attempts
+
+
+def test_cached_or_local_weights_never_touch_the_network(
+    standin_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # standin_cache: a STAND-IN file of random values under the official name.
+    monkeypatch.undo()  # the real downloader: it must not be reached at all
+    monkeypatch.setenv("TORCH_HOME", str(standin_cache.parents[2]))
+    local = tmp_path / "local.pth"
+    torch.save(torch.load(standin_cache, weights_only=True), local)
+    with no_sockets(monkeypatch) as attempts:
+        build_backbone("resnet50", "IMAGENET1K_V2")
+        build_backbone("resnet50", str(local))
+    assert attempts == []
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a tmpfs (CI runs as root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [("ro,size=64m", "Cannot write to the output folder"), ("size=1m", "MiB free in")],
+    ids=["read-only", "full"],
+)
+def test_unusable_output_folder_fails_before_training(
+    image_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], options: str, message: str
+) -> None:
+    with mounted_tmpfs(tmp_path / "mnt", options) as mount:
+        assert exit_code(fit_args(image_folder, mount / "runs")) == 2
+    err = capfd.readouterr().err
+    assert message in err and "--trainer.default_root_dir" in err
+    assert "Epoch 0" not in capfd.readouterr().out
+
+
+def test_output_folder_under_a_file_fails_before_training(
+    image_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a_file").write_text("")
+    assert exit_code(fit_args(image_folder, tmp_path / "a_file" / "runs")) == 2
+    assert "Cannot write to the output folder" in capfd.readouterr().err
