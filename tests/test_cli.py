@@ -114,8 +114,21 @@ def test_undecodable_image_stops_fit_with_its_path(
     args = fit_args(image_folder, tmp_path / "runs", "--data.num_workers", "1", "--data.val_split", "0.5")
     assert exit_code(args) == 2
     err = capfd.readouterr().err
-    assert re.search(r"^error: Cannot decode image .*dog/broken\.png", err, re.MULTILINE)
+    assert re.search(r"^error: 1 unusable images; nothing was trained:\n  unreadable .*dog/broken\.png", err, re.M)
     assert "Traceback" not in err
+
+
+def test_image_that_breaks_after_the_check_still_names_its_file(image_folder: Path, tmp_path: Path) -> None:
+    from tl_project.errors import UserError, user_message
+
+    # Raised inside a loader worker, re-raised in the main process with the worker's traceback.
+    data = ImageDataModule(dataset=None, root=str(image_folder), image_size=32, num_workers=1, val_split=0.5)
+    data.setup("fit")
+    (image_folder / "cat" / "000.png").write_bytes(b"gone bad since")
+    data.datasets["train"].samples.insert(0, (image_folder / "cat" / "000.png", 0))  # type: ignore[attr-defined]
+    with pytest.raises(UserError) as raised:
+        list(data.val_dataloader()) + list(data.train_dataloader())
+    assert user_message(raised.value).startswith(f"Cannot decode image {image_folder / 'cat' / '000.png'}")
 
 
 # --- test and predict from the checkpoint alone ---

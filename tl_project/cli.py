@@ -1,4 +1,4 @@
-"""The command line: `python -m tl_project {fit,validate,test,predict}`.
+"""The command line: `python -m tl_project {fit,validate,test,predict,check}`.
 
 A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 
@@ -12,7 +12,8 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 - `--ckpt_path last|best` finds the newest run's file; every checkpoint is checked
   (`checkpoints.py`) before Lightning reads it;
 - `fit` checks that the output folder is writable and has room before training;
-  SIGTERM saves `last.ckpt` and exits with 143.
+  SIGTERM saves `last.ckpt` and exits with 143;
+- `check`: the data check of `checks.py` on its own, with the report.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -183,6 +186,28 @@ class TransferLearningCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+def check(args: Sequence[str]) -> int:
+    """`python -m tl_project check`: decode every image of an image folder once and report."""
+    parser = ArgumentParser(
+        prog="python -m tl_project check",
+        description="Decode every image of an image folder once; report unusable images, "
+        "wrong extensions, duplicates, train/val/test leakage and class counts.",
+    )
+    parser.add_argument("--config", help="A tl_project config; its data section is used.")
+    parser.add_class_arguments(ImageDataModule, "data")
+    config = parser.parse_args(list(args))
+    if config.config:
+        section = yaml.safe_load(Path(config.config).read_text()).get("data") or {}
+        parser.set_defaults({f"data.{key}": value for key, value in section.items()})
+        config = parser.parse_args(list(args))
+    data = parser.instantiate_classes(config).data
+    if data.dataset is not None:
+        raise UserError(f"check inspects image folders; pass --data.dataset null --data.root DIR (not {data.dataset}).")
+    report = data.check(data.folder_splits(), data.class_names)
+    print(report.format(data.class_names))
+    return 1 if report.problems else 0
+
+
 # Lightning warnings that ask nothing of the user of this command line: evaluation
 # runs deliberately leave out the checkpoint callback, `main(args)` deliberately
 # passes args while sys.argv has others, and the pytree one is internal.
@@ -198,12 +223,14 @@ def main(args: Sequence[str] | None = None) -> None:
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     try:
+        argv = resolve_config_args(sys.argv[1:] if args is None else args)
+        if argv[:1] == ["check"]:
+            raise SystemExit(check(argv[1:]))
         if args is None:
-            # Resolved in place: DDP re-launches this process with sys.argv.
-            sys.argv[1:] = resolve_config_args(sys.argv[1:])
+            sys.argv[1:] = argv  # resolved in place: DDP re-launches this process with sys.argv
             TransferLearningCLI()
         else:
-            TransferLearningCLI(args=resolve_config_args(args))
+            TransferLearningCLI(args=argv)
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -24,9 +24,10 @@ import math
 import os
 import random
 import struct
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -37,6 +38,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from tl_project.checks import DataReport, check_images
 from tl_project.errors import UserError
 from tl_project.transforms import eval_transform, train_transform
 
@@ -309,6 +311,8 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 42,
         predict_dir: str | None = None,
         classes: list[str] | None = None,
+        on_bad_image: Literal["error", "skip"] = "error",
+        max_image_pixels: int = 89_478_485,
     ) -> None:
         """
         Args:
@@ -323,6 +327,8 @@ class ImageDataModule(L.LightningDataModule):
             seed: Seed of the stratified split; keep it to evaluate the same held-out images later.
             predict_dir: A folder (searched recursively) or one image file, for predict.
             classes: The expected class names (set from the checkpoint for test/predict); null reads them from the data.
+            on_bad_image: Unusable images (corrupt, empty, too large): error stops before training listing all; skip leaves them out.
+            max_image_pixels: Images with more pixels are refused unread (decompression bombs).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -351,6 +357,8 @@ class ImageDataModule(L.LightningDataModule):
         self.test_split = test_split
         self.seed = seed
         self.predict_dir = predict_dir
+        self.on_bad_image = on_bad_image
+        self.max_image_pixels = max_image_pixels
         self.class_names = self._resolve_class_names(classes)
         self.datasets: dict[str, ImageDataset] = {}
 
@@ -408,7 +416,8 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Build the datasets `stage` needs."""
         if stage == "predict":
-            self.datasets["predict"] = PredictDataset(self._predict_paths(), eval_transform(self.image_size))
+            paths = self._usable({"predict": [(p, 0) for p in self._predict_paths()]}, ["images"])["predict"]
+            self.datasets["predict"] = PredictDataset([p for p, _ in paths], eval_transform(self.image_size))
             return
         if "train" not in self.datasets:
             self._build_labelled()
@@ -432,6 +441,14 @@ class ImageDataModule(L.LightningDataModule):
                 "test": TensorImageDataset(test_images, test_labels, eval_tf),
             }
             return
+        samples = self._usable(self.folder_splits(), self.class_names)
+        self.datasets = {
+            split: FolderDataset(samples[split], train_tf if split == "train" else eval_tf, self.seed)
+            for split in SPLITS
+        }
+
+    def folder_splits(self) -> dict[str, list[tuple[Path, int]]]:
+        """(path, label) samples of train, val and test from the image folder."""
         dirs = self._split_dirs()
         samples = {split: self._folder_samples(folder, split == "train") for split, folder in dirs.items()}
         # Splits without a folder of their own are carved out of train.
@@ -442,9 +459,37 @@ class ImageDataModule(L.LightningDataModule):
         samples["train"] = [train[i] for i in parts[0]]
         for split, indices in zip(carve, parts[1:], strict=True):
             samples[split] = [train[i] for i in indices]
-        self.datasets = {
-            split: FolderDataset(samples[split], train_tf if split == "train" else eval_tf) for split in SPLITS
-        }
+        return samples
+
+    def check(self, splits: dict[str, list[tuple[Path, int]]], class_names: list[str]) -> DataReport:
+        """Decode every image of `splits` once and report problems, warnings and class counts."""
+        return check_images(splits, class_names, self.max_image_pixels, workers=max(1, self.num_workers))
+
+    def _usable(
+        self, splits: dict[str, list[tuple[Path, int]]], class_names: list[str]
+    ) -> dict[str, list[tuple[Path, int]]]:
+        """`splits` without unusable images, by `on_bad_image`: stop on any, or skip them and say which."""
+        report = self.check(splits, class_names)
+        if report.problems and self.on_bad_image == "error":
+            raise UserError(
+                f"{len(report.problems)} unusable images; nothing was trained:\n"
+                + "\n".join(map(str, report.problems))
+                + "\nRemove or replace them, or pass --data.on_bad_image skip to leave them out."
+            )
+        notes = []
+        if report.problems:
+            notes += [f"Skipping {len(report.problems)} unusable images (--data.on_bad_image skip):"]
+            notes += [str(finding) for finding in report.problems]
+        if report.warnings:
+            kinds = sorted({f.kind for f in report.warnings})
+            notes.append(
+                f"{len(report.warnings)} data warnings ({', '.join(kinds)}); "
+                "python -m tl_project check with the same --data options lists them."
+            )
+        if notes and (self.trainer is None or self.trainer.is_global_zero):
+            print("\n".join(notes), file=sys.stderr)
+        bad = report.bad_paths
+        return {split: [(p, label) for p, label in samples if p not in bad] for split, samples in splits.items()}
 
     def _folder_samples(self, folder: Path, is_train: bool) -> list[tuple[Path, int]]:
         known = set(self.class_names)

@@ -1,0 +1,128 @@
+"""The data check and the bad-image policy: every image decoded once, before training."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageFile
+
+from tests.conftest import COLORS, make_image_folder
+from tests.test_cli import exit_code, fit_args, read_csv, run_dirs
+from tl_project import ImageDataModule, main
+from tl_project.checks import check_images, inspect_image
+from tl_project.errors import UserError
+
+
+def _messy_folder(root: Path) -> Path:
+    """The tiny colour folder plus one of each kind of trouble."""
+    make_image_folder(root, COLORS, per_class=6)
+    (root / "cat" / "zero.png").write_bytes(b"")
+    (root / "dog" / "notes.jpg").write_bytes(b"plain text, not an image")
+    whole = (root / "fish" / "000.png").read_bytes()
+    (root / "fish" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "cat" / "really_png.jpg", format="PNG")
+    shutil.copy(root / "dog" / "001.png", root / "dog" / "copy_of_001.png")
+    return root
+
+
+def _data(root: Path, **kwargs: object) -> ImageDataModule:
+    options = {"dataset": None, "root": str(root), "image_size": 32, "batch_size": 4, "num_workers": 0, **kwargs}
+    return ImageDataModule(**options)  # type: ignore[arg-type]
+
+
+def test_each_kind_of_problem_is_found_with_its_path(tmp_path: Path) -> None:
+    root = _messy_folder(tmp_path / "images")
+    data = _data(root)
+    report = data.check(data.folder_splits(), data.class_names)
+    problems = {(f.kind, f.path.name) for f in report.problems}
+    assert problems == {("empty", "zero.png"), ("unreadable", "notes.jpg"), ("unreadable", "truncated.png")}
+    warnings = {(f.kind, f.path.name) for f in report.warnings}
+    assert ("extension", "really_png.jpg") in warnings
+    assert {"duplicate", "leakage"} & {kind for kind, name in warnings if "001" in name}
+    assert sum(sum(c.values()) for c in report.counts.values()) == 23
+    assert report.counts["train"]["cat"] + report.counts["val"].get("cat", 0) + report.counts["test"].get("cat", 0) == 8
+
+
+def test_leakage_across_split_folders(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "train", COLORS, per_class=4)
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    shutil.copy(tmp_path / "train" / "cat" / "002.png", tmp_path / "test" / "cat" / "seen_before.png")
+    data = _data(tmp_path)
+    report = data.check(data.folder_splits(), data.class_names)
+    [leak] = [f for f in report.warnings if f.kind == "leakage"]
+    assert leak.path.name == "seen_before.png" and "002.png" in leak.detail
+    assert "Class imbalance" in report.format(data.class_names)
+
+
+def test_oversized_image_is_refused_without_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(path)
+    decoded: list[object] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real_load(self))
+    problem, _, _ = inspect_image(path, max_pixels=5000)
+    assert problem is not None and problem.kind == "too large" and "100 x 100" in problem.detail
+    assert decoded == []
+    assert inspect_image(path, max_pixels=10_000)[0] is None and decoded
+
+
+def test_check_images_counts_classes_per_split(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, COLORS, per_class=2)
+    splits = {"train": [(p, 0) for p in (root / "cat").iterdir()], "val": [(p, 1) for p in (root / "dog").iterdir()]}
+    report = check_images(splits, ["cat", "dog"], max_pixels=10**8, workers=2)
+    assert report.counts == {"train": {"cat": 2}, "val": {"dog": 2}}
+    assert not report.problems and "No problems found." in report.format(["cat", "dog"])
+
+
+# --- the policy ---
+
+
+def test_error_policy_lists_every_bad_image_before_training(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    root = _messy_folder(tmp_path / "images")
+    assert exit_code(fit_args(root, tmp_path / "runs")) == 2
+    err = capfd.readouterr().err
+    for name in ("zero.png", "notes.jpg", "truncated.png"):
+        assert name in err
+    assert "3 unusable images; nothing was trained" in err and "--data.on_bad_image skip" in err
+    assert not list((tmp_path / "runs").glob("*/checkpoints"))
+
+
+def test_skip_policy_leaves_them_out_and_says_which(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    root = _messy_folder(tmp_path / "images")
+    data = _data(root, on_bad_image="skip")
+    data.setup("fit")
+    used = {p for split in ("train", "val", "test") for p, _ in data.datasets[split].samples}  # type: ignore[attr-defined]
+    assert len(used) == 20 and not {"zero.png", "notes.jpg", "truncated.png"} & {p.name for p in used}
+    err = capfd.readouterr().err
+    assert "Skipping 3 unusable images" in err and "truncated.png" in err
+
+    main(fit_args(root, tmp_path / "runs", "--data.on_bad_image", "skip", "--trainer.max_epochs", "1"))
+    assert read_csv(run_dirs(tmp_path / "runs")[0] / "metrics.csv")  # trained to the end
+
+
+def test_bad_images_to_predict(tmp_path: Path) -> None:
+    photos = make_image_folder(tmp_path / "photos", {"x": (9, 9, 9)}, per_class=2)
+    (photos / "x" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(UserError, match=r"broken\.png"):
+        _data(photos, predict_dir=str(photos)).setup("predict")
+    data = _data(photos, predict_dir=str(photos), on_bad_image="skip")
+    data.setup("predict")
+    assert [p.name for p in data.predict_paths] == ["000.png", "001.png"]
+
+
+# --- the check command ---
+
+
+def test_check_command_reports_and_fails_on_problems(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    root = _messy_folder(tmp_path / "images")
+    assert exit_code(["check", "--data.dataset", "null", "--data.root", str(root)]) == 1
+    out = capfd.readouterr().out
+    assert "Unusable images (3)" in out and "extension" in out and "class" in out and "fish" in out
+
+    clean = make_image_folder(tmp_path / "clean", COLORS, per_class=3)
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"trainer: {{max_epochs: 1}}\ndata: {{dataset: null, root: {clean}}}\n")
+    assert exit_code(["check", "--config", str(config)]) == 0
+    assert "No problems found." in capfd.readouterr().out
