@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import MARKER_ENV
 from tests.test_cli import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import TransferLearningModel, main
-from tl_project.backbones import build_backbone
+from tl_project.backbones import build_backbone, hub_file
 from tl_project.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,6 +103,14 @@ def test_checkpoint_naming_an_unknown_instantiator_is_refused(
         TransferLearningModel.load_from_checkpoint(path)
     # The genuine checkpoint loads through the same checks.
     assert TransferLearningModel.load_from_checkpoint(small_run / "last.ckpt", weights=None).num_classes == 3
+
+
+def test_payload_in_the_torch_cache_is_refused_and_never_runs(offline: Path, marker: Path) -> None:
+    cached = hub_file(torchvision.models.ResNet50_Weights.IMAGENET1K_V2)  # torchvision reads it unguarded
+    cached.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": _Payload()}, cached)
+    with pytest.raises(UserError, match=r"cached weights file .*weights_only=True"):
+        build_backbone("resnet50", "IMAGENET1K_V2")
 
 
 KILL_DURING_SAVE = """

@@ -17,6 +17,7 @@ cannot be had raise `UserError` with the file that is missing and the alternativ
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -118,18 +119,27 @@ def _pretrained(name: str, weights_name: str) -> nn.Module:
             + "; or a path to a .pth/.pt/.ckpt file; or null for random initialisation."
         ) from None
     cached = hub_file(weights)
+    if not cached.is_file():
+        print(f"Downloading {weights.url} to {cached}", file=sys.stderr)
+        # The file name carries the start of its SHA-256, as torchvision checks it.
+        match = torch.hub.HASH_REGEX.search(cached.name)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(cached), match.group(1) if match else None)
+        except Exception as error:  # offline: URLError; others: HTTPError, OSError, ...
+            raise UserError(
+                f"Pretrained weights {name} {weights.name} are not available: the file {cached} "
+                f"is missing and downloading it from {weights.url} failed ({error}).\n"
+                f"Fix: put that file at {cached} (set $TORCH_HOME to choose another cache), "
+                "or pass --model.weights PATH to a .pth/.pt/.ckpt file, "
+                "or --model.weights null to train from random initialisation."
+            ) from None
+    # torchvision reads its cache with weights_only=False: vet the file first.
+    load_trusted(cached, what="cached weights file")
     try:
         return torchvision.models.get_model(name, weights=weights)
-    except Exception as error:  # download failures come as URLError, HTTPError, OSError, ...
-        if cached.is_file():
-            raise UserError(f"Could not load the cached weights file {cached}: {error}") from error
-        raise UserError(
-            f"Pretrained weights {name} {weights.name} are not available: the file {cached} "
-            f"is missing and downloading it from {weights.url} failed ({error}).\n"
-            f"Fix: put that file at {cached} (set $TORCH_HOME to choose another cache), "
-            "or pass --model.weights PATH to a .pth/.pt/.ckpt file, "
-            "or --model.weights null to train from random initialisation."
-        ) from error
+    except Exception as error:
+        raise UserError(f"Could not load the cached weights file {cached}: {error}") from error
 
 
 def read_weights_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
