@@ -152,7 +152,7 @@ def test_test_needs_only_the_checkpoint(
     data = ImageDataModule(dataset=None, root=str(trained["root"]), image_size=32, num_workers=0)
     data.setup("test")
     with torch.no_grad():
-        correct = sum(int(model(x.unsqueeze(0)).argmax() == y) for x, y in data.datasets["test"])  # type: ignore[attr-defined]
+        correct = sum(int(model(x.unsqueeze(0)).argmax() == y) for x, y, _ in data.datasets["test"])  # type: ignore[attr-defined]
     assert float(printed[0]) == pytest.approx(100 * correct / len(data.datasets["test"]), abs=0.006)  # type: ignore[arg-type]
 
 
@@ -249,6 +249,19 @@ def test_every_config_parses(config: Path, capfd: pytest.CaptureFixture[str]) ->
     assert exit_code(["fit", "--config", str(config), "--print_config"]) == 0
     printed = yaml.safe_load(capfd.readouterr().out)
     assert printed["model"]["backbone"] and "dataset" in printed["data"]
+
+
+def test_settings_from_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TL_PROJECT_FIT__TRAINER__MAX_EPOCHS", "7")
+    monkeypatch.setenv("TL_PROJECT_FIT__MODEL__BACKBONE", "resnet18")
+    assert exit_code(["fit", "--print_config"]) == 0
+    printed = yaml.safe_load(capfd.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 7 and printed["model"]["backbone"] == "resnet18"
+    # A config file or a flag still wins over the environment.
+    assert exit_code(["fit", "--print_config", "--trainer.max_epochs", "2"]) == 0
+    assert yaml.safe_load(capfd.readouterr().out)["trainer"]["max_epochs"] == 2
 
 
 def test_seed_recipe_defaults() -> None:

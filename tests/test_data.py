@@ -80,9 +80,10 @@ def test_split_folders_are_used_and_missing_ones_carved_from_train(tmp_path: Pat
 def test_batches_are_normalised_rgb_at_image_size(image_folder: Path) -> None:
     data = _folder_module(image_folder)
     data.setup("fit")
-    images, labels = next(iter(data.train_dataloader()))
+    images, labels, indices = next(iter(data.train_dataloader()))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.int64
+    assert sorted(indices.tolist()) == sorted(set(indices.tolist()))  # each item knows its dataset index
     assert -3 < images.mean() < 3
 
 
@@ -218,7 +219,7 @@ def test_fashion_mnist_from_raw_idx_files(tmp_path: Path, layout: str) -> None:
     data.setup("fit")
     assert len(data.datasets["train"]) == 90 and len(data.datasets["val"]) == 10
     assert Counter(int(data.datasets["val"].labels[i]) for i in range(10)) == dict.fromkeys(range(10), 1)  # type: ignore[attr-defined]
-    images, _ = next(iter(data.val_dataloader()))
+    images, _, _ = next(iter(data.val_dataloader()))
     assert images.shape == (8, 3, 32, 32)
     data.setup("test")
     assert len(data.datasets["test"]) == 20
@@ -258,7 +259,7 @@ def test_real_fashion_mnist_from_debian_package() -> None:
     data.setup("test")
     sizes = {split: len(data.datasets[split]) for split in ("train", "val", "test")}
     assert sizes == {"train": 54000, "val": 6000, "test": 10000}
-    images, labels = next(iter(data.test_dataloader()))
+    images, labels, _ = next(iter(data.test_dataloader()))
     assert images.shape == (32, 3, 32, 32) and labels.max() < 10
     # The module reads the system folder in place: nothing is written there.
     assert sorted(p.name for p in DEBIAN_FASHION_MNIST.iterdir()) == sorted(

@@ -1,4 +1,5 @@
-"""Small callbacks: a stable `best.ckpt` name, the prediction writer, the end-of-fit summary."""
+"""Small callbacks: checkpoints (`best.ckpt`, a current `last.ckpt`), the prediction writer,
+the end-of-fit summary and the test report."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from typing import Any
 
 import lightning as L
 import torch.distributed as dist
+import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from tl_project.checkpoints import read_checkpoint
+from tl_project.report import write_report
 
 
 class Checkpoint(ModelCheckpoint):
@@ -110,27 +115,33 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         paths = trainer.datamodule.predict_paths  # type: ignore[attr-defined]
-        names: list[str] = pl_module.class_names  # type: ignore[assignment]
-        k = len(next(iter(rows.values()))[0]) if rows else 0
         self.path = Path(run_dir) / self.FILENAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="") as f:
-            writer = csv.writer(f)
-            header = ["path", "prediction", "probability"]
-            for rank in range(1, k + 1):
-                header += [f"top{rank}", f"top{rank}_probability"]
-            writer.writerow(header)
-            for index in sorted(rows):
-                classes, probabilities = rows[index]
-                line = [str(paths[index]), names[classes[0]], f"{probabilities[0]:.6f}"]
-                for c, p in zip(classes, probabilities, strict=True):
-                    line += [names[c], f"{p:.6f}"]
-                writer.writerow(line)
+        write_predictions(self.path, rows, paths, pl_module.class_names)  # type: ignore[arg-type]
         print(f"Predictions for {len(rows)} images written to {self.path}")
 
 
+def write_predictions(
+    path: Path, rows: dict[int, tuple[list[int], list[float]]], paths: list[Path], names: list[str]
+) -> None:
+    """predictions.csv: per image (by index) its path, prediction, probability, then the top-k."""
+    k = len(next(iter(rows.values()))[0]) if rows else 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["path", "prediction", "probability"]
+        for rank in range(1, k + 1):
+            header += [f"top{rank}", f"top{rank}_probability"]
+        writer.writerow(header)
+        for index in sorted(rows):
+            classes, probabilities = rows[index]
+            line = [str(paths[index]), names[classes[0]], f"{probabilities[0]:.6f}"]
+            for c, p in zip(classes, probabilities, strict=True):
+                line += [names[c], f"{p:.6f}"]
+            writer.writerow(line)
+
+
 class FitSummary(Callback):
-    """Prints at the end of `fit`: the best checkpoint with its score, and training throughput.
+    """Prints at the end of `fit`: the best checkpoint with its score, training throughput, total time.
 
     Throughput is steady-state: from the end of each epoch's first batch (start-up,
     worker spawn and warm-up excluded) to the end of its last, data loading included,
@@ -141,6 +152,10 @@ class FitSummary(Callback):
         self.images = 0
         self.seconds = 0.0
         self._last: float | None = None
+        self._fit_start = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = None
@@ -150,7 +165,7 @@ class FitSummary(Callback):
     ) -> None:
         now = time.perf_counter()
         if self._last is not None:
-            self.images += len(batch[1]) * trainer.world_size
+            self.images += len(batch[0]) * trainer.world_size
             self.seconds += now - self._last
         self._last = now
 
@@ -172,3 +187,46 @@ class FitSummary(Callback):
                 f"Training throughput: {self.images_per_second:.1f} images/s "
                 f"({self.images} images in {self.seconds:.1f} s, first batch of each epoch excluded)"
             )
+        print(f"Fit took {time.perf_counter() - self._fit_start:.1f} s in all")
+
+
+class TestReport(Callback):
+    """After `test`: writes the report of `report.py` into `<run>/report/` and prints where."""
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
+        if not trainer.is_global_zero:
+            return
+        datamodule: Any = trainer.datamodule  # type: ignore[attr-defined]
+        context: dict[str, Any] = {
+            "ckpt_path": trainer.ckpt_path,
+            "model": dict(pl_module.hparams),
+            "data": dict(datamodule.hparams),
+        }
+        if trainer.ckpt_path:  # the training run: runs/version_N/checkpoints/X.ckpt
+            # As trained (this run builds the model with weights=None and loads the checkpoint).
+            context["model"] = read_checkpoint(trainer.ckpt_path)["hyper_parameters"]
+            training_run = Path(trainer.ckpt_path).resolve().parents[1]
+            context["training_metrics"] = training_run / "metrics.csv"
+            if (training_run / "config.yaml").is_file():
+                context["training_config"] = training_run / "config.yaml"
+                context["optimizer"] = describe_optimizer(training_run / "config.yaml")
+        logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        path = write_report(
+            Path(run_dir) / "report",
+            pl_module.test_results,  # type: ignore[arg-type]
+            logged,
+            pl_module.class_names,  # type: ignore[arg-type]
+            datamodule.datasets["test"],
+            context,
+        )
+        print(f"Test report written to {path}")
+
+
+def describe_optimizer(config_yaml: Path) -> str:
+    """`SGD(lr=0.001, momentum=0.9)` from a run's config.yaml."""
+    optimizer = (yaml.safe_load(config_yaml.read_text()).get("model") or {}).get("optimizer") or {}
+    name = str(optimizer.get("class_path", "?")).rsplit(".", 1)[-1]
+    shown = ("lr", "momentum", "weight_decay", "betas", "nesterov")
+    args = optimizer.get("init_args") or {}
+    return f"{name}(" + ", ".join(f"{k}={args[k]}" for k in shown if args.get(k) not in (None, 0, 0.0, False)) + ")"

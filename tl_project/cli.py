@@ -1,4 +1,4 @@
-"""The command line: `python -m tl_project {fit,validate,test,predict,check}`.
+"""The command line: `python -m tl_project {fit,validate,test,predict,check,export}`.
 
 A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 
@@ -13,7 +13,8 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
   (`checkpoints.py`) before Lightning reads it;
 - `fit` checks that the output folder is writable and has room before training;
   SIGTERM saves `last.ckpt` and exits with 143;
-- `check`: the data check of `checks.py` on its own, with the report.
+- `check`: the data check of `checks.py` on its own, with the report;
+- `export` and `predict` with an `.onnx` file: see `export.py`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter
+from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter, TestReport
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError, user_message
@@ -122,6 +123,8 @@ class TransferLearningCLI(LightningCLI):
             args=args,
             auto_configure_optimizers=False,
             seed_everything_default=kwargs.pop("seed_everything_default", 42),
+            # Every option also from the environment: TL_PROJECT_FIT__TRAINER__MAX_EPOCHS=1 etc.
+            parser_kwargs=kwargs.pop("parser_kwargs", {"default_env": True, "env_prefix": "TL_PROJECT"}),
             **kwargs,
         )
 
@@ -183,7 +186,19 @@ class TransferLearningCLI(LightningCLI):
             config["enable_checkpointing"] = False
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter())
+        if self.subcommand == "test":
+            callbacks.append(TestReport())
         return super()._instantiate_trainer(config, callbacks)
+
+
+def option_value(args: Sequence[str], option: str) -> str | None:
+    """The value of `option` in `args` (`--option VALUE` or `--option=VALUE`), if given."""
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def check(args: Sequence[str]) -> int:
@@ -215,6 +230,7 @@ QUIET_WARNINGS = (
     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
     r"LightningCLI's args parameter is intended to run from within Python",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
 
 
@@ -226,6 +242,14 @@ def main(args: Sequence[str] | None = None) -> None:
         argv = resolve_config_args(sys.argv[1:] if args is None else args)
         if argv[:1] == ["check"]:
             raise SystemExit(check(argv[1:]))
+        if argv[:1] == ["export"]:
+            from tl_project.export import main_export
+
+            return main_export(argv[1:])
+        if argv[:1] == ["predict"] and str(option_value(argv, "--ckpt_path")).endswith(".onnx"):
+            from tl_project.export import main_predict_onnx
+
+            return main_predict_onnx(argv[1:])
         if args is None:
             sys.argv[1:] = argv  # resolved in place: DDP re-launches this process with sys.argv
             TransferLearningCLI()

@@ -107,7 +107,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageDataset(Dataset):
-    """Base of the datasets: `load(index)` gives (image, target), then `transform` applies.
+    """Base of the datasets: `load(index)` gives (image, target), then `transform` applies;
+    items are (image, target, index).
 
     An item is an index, or `(epoch, index)` from `EpochSampler`: then the random
     augmentation is drawn from `(seed, epoch, index)` alone, whatever the process,
@@ -124,15 +125,20 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> tuple[Any, int]:
         raise NotImplementedError
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """(transformed image, target, index); the index finds the file again (reports, predictions)."""
         if not isinstance(item, tuple):
             image, target = self.load(item)
-            return self.transform(image), target
+            return self.transform(image), target, item
         epoch, index = item
         image, target = self.load(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.transform(image), target
+            return self.transform(image), target, index
+
+    def describe(self, index: int) -> str:
+        """Where item `index` comes from, for people."""
+        return f"#{index}"
 
 
 class FolderDataset(ImageDataset):
@@ -149,9 +155,12 @@ class FolderDataset(ImageDataset):
         path, label = self.samples[index]
         return load_image(path), label
 
+    def describe(self, index: int) -> str:
+        return str(self.samples[index][0])
+
 
 class PredictDataset(ImageDataset):
-    """(image, index) pairs for unlabelled images; the index finds the path again."""
+    """Unlabelled images (target -1); the index finds the path again."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
         super().__init__(transform)
@@ -161,7 +170,10 @@ class PredictDataset(ImageDataset):
         return len(self.paths)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        return load_image(self.paths[index]), index
+        return load_image(self.paths[index]), -1
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
 
 
 class TensorImageDataset(ImageDataset):
@@ -301,11 +313,12 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
         dataset: str | None = "FashionMNIST",
-        root: str = "data",
+        root: str | None = "data",
         download: bool = True,
         batch_size: int = 32,
         num_workers: int | None = None,
         image_size: int = 224,
+        min_crop_scale: float = 0.08,
         val_split: float = 0.1,
         test_split: float = 0.1,
         seed: int = 42,
@@ -317,11 +330,12 @@ class ImageDataModule(L.LightningDataModule):
         """
         Args:
             dataset: A torchvision dataset name (MNIST, FashionMNIST, CIFAR10, CIFAR100), or null for an image folder.
-            root: The image folder, or where a named dataset is stored or downloaded.
+            root: The image folder, or where a named dataset is stored or downloaded; null for none (predict only).
             download: Download a named dataset into root when it is not there.
             batch_size: Images per batch and per device.
             num_workers: Loader worker processes per device; null picks the usable cores (at most 8).
             image_size: Side of the square images the model sees, in pixels.
+            min_crop_scale: Smallest area fraction of a random training crop: 0.08 as for ImageNet; raise it for small or centred objects.
             val_split: Fraction of each class held out for validation when there is no val folder.
             test_split: Fraction of each class held out for testing when there is no test folder (folders only).
             seed: Seed of the stratified split; keep it to evaluate the same held-out images later.
@@ -348,11 +362,14 @@ class ImageDataModule(L.LightningDataModule):
         if batch_size < 1 or image_size < 1:
             raise UserError("data.batch_size and data.image_size must be positive integers.")
         self.dataset = dataset
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser() if root is not None else None
         self.download = download
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.image_size = image_size
+        if not 0.0 < min_crop_scale <= 1.0:
+            raise UserError(f"data.min_crop_scale is {min_crop_scale}; it must be in (0, 1].")
+        self.min_crop_scale = min_crop_scale
         self.val_split = val_split
         self.test_split = test_split
         self.seed = seed
@@ -372,7 +389,7 @@ class ImageDataModule(L.LightningDataModule):
     def _resolve_class_names(self, expected: list[str] | None) -> list[str]:
         if self.dataset is not None:
             found = NAMED_DATASETS[self.dataset]
-        elif not self.root.is_dir() and expected is not None:
+        elif (self.root is None or not self.root.is_dir()) and expected is not None:
             return list(expected)  # e.g. predict on another machine: the folder is checked in setup
         else:
             found = self._folder_classes()
@@ -386,9 +403,16 @@ class ImageDataModule(L.LightningDataModule):
             )
         return found
 
+    @property
+    def named_root(self) -> Path:
+        """Where the named dataset is stored."""
+        if self.root is None:
+            raise UserError(f"--data.dataset {self.dataset} needs --data.root: where it is stored or goes.")
+        return self.root
+
     def _split_dirs(self) -> dict[str, Path]:
         """The folders of the splits that have one: `root/train` etc., or `root` alone as train."""
-        if not self.root.is_dir():
+        if self.root is None or not self.root.is_dir():
             raise UserError(
                 f"Image folder {self.root} does not exist. Pass --data.root DIR with "
                 "DIR/<class>/*.jpg or DIR/{train,val,test}/<class>/*.jpg, or a named --data.dataset."
@@ -411,7 +435,7 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download a named dataset once per node."""
         if self.dataset is not None and self.download:
-            download_named(self.dataset, self.root)
+            download_named(self.dataset, self.named_root)
 
     def setup(self, stage: str) -> None:
         """Build the datasets `stage` needs."""
@@ -430,11 +454,12 @@ class ImageDataModule(L.LightningDataModule):
                 )
 
     def _build_labelled(self) -> None:
-        train_tf, eval_tf = train_transform(self.image_size), eval_transform(self.image_size)
+        train_tf = train_transform(self.image_size, self.min_crop_scale)
+        eval_tf = eval_transform(self.image_size)
         if self.dataset is not None:
-            images, labels = read_named(self.dataset, self.root, train=True)
+            images, labels = read_named(self.dataset, self.named_root, train=True)
             rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
-            test_images, test_labels = read_named(self.dataset, self.root, train=False)
+            test_images, test_labels = read_named(self.dataset, self.named_root, train=False)
             self.datasets = {
                 "train": TensorImageDataset(images[rest], labels[rest], train_tf, self.seed),
                 "val": TensorImageDataset(images[val], labels[val], eval_tf),

@@ -4,7 +4,10 @@ The backbone is a torchvision classifier whose final layer became `nn.Identity`
 (see `backbones.py`); the head is a fresh `Linear(in_features, num_classes)`.
 `finetune="full"` trains both; `finetune="head"` freezes the backbone, keeps its
 BatchNorm layers in eval mode so their running statistics do not drift, and gives
-only the head to the optimizer.
+only the head to the optimizer; `finetune="gradual"` trains the head alone for
+`unfreeze_at_epoch` epochs, then the backbone too, at `backbone_lr_factor` times the
+head's learning rate. The phase follows from the epoch number alone, so a resumed
+run is in the right phase whatever epoch it resumes at.
 """
 
 from __future__ import annotations
@@ -13,16 +16,27 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from tl_project.backbones import build_backbone
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
 
-STAGES = ("train", "val", "test")
+# (images, targets, dataset indices), as ImageDataModule's loaders give them.
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# How many of the most confidently wrong test images the report keeps.
+MOST_WRONG = 16
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -49,7 +63,9 @@ class TransferLearningModel(L.LightningModule):
         class_names: list[str] | None = None,
         backbone: str = "resnet50",
         weights: str | None = "IMAGENET1K_V2",
-        finetune: Literal["full", "head"] = "full",
+        finetune: Literal["full", "head", "gradual"] = "full",
+        unfreeze_at_epoch: int = 1,
+        backbone_lr_factor: float = 0.1,
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -60,7 +76,9 @@ class TransferLearningModel(L.LightningModule):
             class_names: Class names in label order (linked from the data); saved in checkpoints.
             backbone: A torchvision classification model name, e.g. resnet50, efficientnet_b0, convnext_tiny.
             weights: A torchvision weights name (IMAGENET1K_V2, DEFAULT, ...), a .pth/.pt state_dict or a tl_project .ckpt path, or null for random init.
-            finetune: full trains every layer; head freezes the backbone (BatchNorm statistics included).
+            finetune: full trains every layer; head freezes the backbone (BatchNorm statistics included); gradual trains the head first, then everything.
+            unfreeze_at_epoch: With finetune gradual: the epoch (from 0) at which the backbone starts training.
+            backbone_lr_factor: With finetune gradual: the backbone's learning rate relative to the head's.
             label_smoothing: Label smoothing of the cross-entropy loss, 0 for none.
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
             lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
@@ -88,23 +106,76 @@ class TransferLearningModel(L.LightningModule):
         self.test_metrics = stage_metrics("test", num_classes)
         # Mean loss weighted by images, summed across processes: exact under DDP too.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # For the test report: per-class scores, confusion matrix, calibration.
+        self.report_metrics = MetricCollection(
+            {
+                "precision": MulticlassPrecision(num_classes, average=None),
+                "recall": MulticlassRecall(num_classes, average=None),
+                "f1": MulticlassF1Score(num_classes, average=None),
+                "confusion_matrix": MulticlassConfusionMatrix(num_classes),
+                "ece": MulticlassCalibrationError(num_classes, n_bins=15),
+            }
+        )
+        self._wrong: list[tuple[float, int, int, int]] = []  # (confidence, index, target, prediction)
+        self.test_results: dict[str, Any] = {}
+        self._was_frozen: bool | None = None  # the phase of the last training epoch (gradual)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of normalised images."""
+        if self.finetune == "gradual" and self.backbone_frozen:
+            # No gradients reach the backbone; its parameters still require them, so that
+            # DDP, which registers parameters once, keeps reducing them after the unfreeze.
+            with torch.no_grad():
+                features = self.backbone(images)
+            return self.head(features)
         return self.head(self.backbone(images))
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether the backbone is frozen now: always with head, before unfreeze_at_epoch with gradual."""
+        if self.finetune == "gradual":
+            epoch = self.trainer.current_epoch if self._trainer is not None else 0
+            return epoch < self.hparams["unfreeze_at_epoch"]
+        return self.finetune == "head"
 
     def train(self, mode: bool = True) -> TransferLearningModel:
         """Set train/eval mode; a frozen backbone always stays in eval mode (BatchNorm statistics fixed)."""
         super().train(mode)
-        if self.finetune == "head":
+        if self.backbone_frozen:
             self.backbone.eval()
         return self
 
+    def on_train_epoch_start(self) -> None:
+        frozen = self.backbone_frozen
+        self.train()  # BatchNorm mode of this epoch's phase
+        if self.finetune != "gradual" or frozen == self._was_frozen:
+            return
+        self._was_frozen = frozen
+        trainable = self.head if frozen else self
+        count = sum(p.numel() for p in trainable.parameters())
+        rates = [group["lr"] for group in self.trainer.optimizers[0].param_groups]
+        self.print(
+            f"Epoch {self.current_epoch}: backbone {'frozen' if frozen else 'training'}; "
+            f"{count:,} trainable parameters; learning rates head {rates[0]:.3g}, backbone {rates[1]:.3g}"
+        )
+        self.log("trainable_params", float(count), on_epoch=True, on_step=False)
+
+    def on_fit_start(self) -> None:
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        needs_flag = self.finetune == "gradual" and self.trainer.world_size > 1 and ddp_kwargs is not None
+        if needs_flag and not ddp_kwargs.get("find_unused_parameters"):  # type: ignore[union-attr]
+            raise UserError(
+                "finetune gradual leaves the backbone without gradients at first, which DDP must be told: "
+                "pass --trainer.strategy ddp_find_unused_parameters_true."
+            )
+
     # -- steps --
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        images, labels = batch
+    def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
+        images, labels, indices = batch
         logits = self(images)
+        if stage == "test":
+            self._update_report(logits, labels, indices)
         loss = self.loss_fn(logits, labels)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         metrics.update(logits, labels)
@@ -113,7 +184,7 @@ class TransferLearningModel(L.LightningModule):
         self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage != "test")
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
         # The live loss of the step, for the progress bar only.
         self.log("loss", loss, prog_bar=True, logger=False)
@@ -133,18 +204,43 @@ class TransferLearningModel(L.LightningModule):
                 "or check the data."
             )
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "test")
+
+    def _update_report(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        self.report_metrics.update(logits, labels)
+        confidence, predicted = logits.softmax(dim=1).max(dim=1)
+        wrong = predicted != labels
+        rows = zip(
+            confidence[wrong].tolist(),
+            indices[wrong].tolist(),
+            labels[wrong].tolist(),
+            predicted[wrong].tolist(),
+            strict=True,
+        )
+        self._wrong = sorted([*self._wrong, *rows], reverse=True)[:MOST_WRONG]
+
+    def on_test_epoch_start(self) -> None:
+        self._wrong = []
 
     def on_test_epoch_end(self) -> None:
         accuracy = self.test_metrics["acc"].compute()  # synchronised across processes
         self.print(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
+        results = {name: value.cpu() for name, value in self.report_metrics.compute().items()}
+        self.report_metrics.reset()
+        wrong = self._wrong
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, wrong)
+            wrong = [row for part in gathered for row in part]
+        results["most_confident_wrong"] = sorted(wrong, reverse=True)[:MOST_WRONG]
+        self.test_results = results
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        images, indices = batch
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        images, _, indices = batch
         probabilities = self(images).softmax(dim=1)
         top_probabilities, top_classes = probabilities.topk(min(5, self.num_classes), dim=1)
         return {"index": indices, "top_classes": top_classes, "top_probabilities": top_probabilities}
@@ -152,9 +248,14 @@ class TransferLearningModel(L.LightningModule):
     # -- optimisation --
 
     def configure_optimizers(self) -> Any:
-        # With a frozen backbone only the head's parameters require gradients.
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        if self.finetune == "gradual":
+            # Both groups from the start: resuming restores one optimizer whatever the phase.
+            backbone_params = list(self.backbone.parameters())
+            optimizer = self.optimizer_factory([{"params": self.head.parameters()}, {"params": backbone_params}])
+            optimizer.param_groups[1]["lr"] *= self.hparams["backbone_lr_factor"]
+        else:
+            # With a frozen backbone only the head's parameters require gradients.
+            optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -3,7 +3,8 @@
 Both take a PIL RGB image or a uint8 CHW tensor with 3 channels and return a
 normalised float tensor of `image_size` x `image_size`:
 
-- train: random resized crop + horizontal flip (the classic ImageNet recipe);
+- train: random resized crop + horizontal flip (the classic ImageNet recipe; the
+  smallest crop area is a setting, as small or centred objects want larger crops);
 - eval: resize the short side to `image_size / 0.875`, then center crop.
 
 Normalisation uses the ImageNet statistics that every torchvision ImageNet
@@ -25,12 +26,12 @@ def _normalize() -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    """Random resized crop and horizontal flip, then ImageNet normalisation."""
+def train_transform(image_size: int, min_crop_scale: float = 0.08) -> v2.Compose:
+    """Random resized crop (at least `min_crop_scale` of the area) and horizontal flip, then ImageNet normalisation."""
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             *_normalize(),
         ]

@@ -1,0 +1,110 @@
+"""The test report (numbers and pictures) and gradual unfreezing (phases, learning rates, resume)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from tests.conftest import COLORS, make_image_folder
+from tests.test_cli import ACCURACY_LINE, QUIET, fit_args, run_dirs
+from tl_project import main
+
+
+def test_every_test_writes_a_report_with_the_right_numbers(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    classes = {**COLORS, "sky": (120, 180, 250), "sand": (230, 210, 150), "night": (20, 20, 40)}
+    root = make_image_folder(tmp_path / "images", classes, per_class=10)  # 6 classes: top-5 too
+    main(fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "2", "--data.test_split", "0.2"))
+    main(["test", "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "runs"), *QUIET])
+    out = capfd.readouterr().out
+    report = run_dirs(tmp_path / "runs")[-1] / "report"
+    assert f"Test report written to {report / 'report.md'}" in out
+    printed = float(ACCURACY_LINE.findall(out)[0])
+
+    metrics = json.loads((report / "metrics.json").read_text())
+    confusion = torch.tensor(metrics["confusion_matrix"])
+    assert metrics["num_images"] == 12 == int(confusion.sum())  # 2 of 10 images a class, 6 classes
+    assert 100 * metrics["acc"] == pytest.approx(printed, abs=0.006)
+    assert metrics["acc"] == pytest.approx(float(confusion.diag().sum() / confusion.sum()))
+    assert {"acc_top5", "acc_macro", "loss", "expected_calibration_error"} <= set(metrics)
+    assert metrics["acc_top5"] >= metrics["acc"]
+    for i, name in enumerate(metrics["classes"]):
+        per_class = metrics["per_class"][name]
+        assert per_class["support"] == int(confusion[i].sum()) == 2
+        assert per_class["recall"] == pytest.approx(float(confusion[i, i] / confusion[i].sum()))
+
+    with open(report / "misclassified.csv", newline="") as f:
+        wrong = list(csv.DictReader(f))
+    assert len(wrong) == min(16, 12 - int(confusion.diag().sum()))
+    assert all(Path(row["image"]).is_file() and row["true"] != row["predicted"] for row in wrong)
+    for picture in ("confusion_matrix.png", "misclassified.png", "curves.png"):
+        with Image.open(report / picture) as image:
+            assert image.width > 500 and image.height > 300
+    card = (report / "report.md").read_text()
+    assert "## Results" in card and "top-1 accuracy" in card and "python -m tl_project test --ckpt_path" in card
+    assert re.search(r"\| sky \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \| 2 \|", card)
+
+
+# --- gradual unfreezing ---
+
+
+@pytest.fixture
+def initial_weights(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "init.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    return path
+
+
+def gradual(root: Path, runs: Path, weights: Path, *extra: str) -> list[str]:
+    args = fit_args(root, runs, "--model.finetune", "gradual", "--model.unfreeze_at_epoch", "1", *extra)
+    args[args.index("--model.weights") + 1] = str(weights)
+    return args
+
+
+def test_gradual_unfreezing_phases_and_learning_rates(
+    image_folder: Path, tmp_path: Path, initial_weights: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    main(gradual(image_folder, runs, initial_weights, "--trainer.max_epochs", "1"))
+    after_head_phase = torch.load(run_dirs(runs)[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    start = torch.load(initial_weights, weights_only=True)
+    for key, value in after_head_phase["state_dict"].items():
+        if key.startswith("backbone."):  # weights and BatchNorm statistics untouched
+            assert torch.equal(value, start[key.removeprefix("backbone.")]), key
+    groups = after_head_phase["optimizer_states"][0]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(0.001) and groups[1]["lr"] == pytest.approx(0.0001)
+
+    main(gradual(image_folder, runs, initial_weights, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    after_unfreeze = torch.load(run_dirs(runs)[1] / "checkpoints" / "last.ckpt", weights_only=True)
+    changed = [
+        key
+        for key, value in after_unfreeze["state_dict"].items()
+        if key.startswith("backbone.") and not torch.equal(value, start[key.removeprefix("backbone.")])
+    ]
+    assert "backbone.conv1.weight" in changed and "backbone.bn1.running_mean" in changed
+    out = capfd.readouterr().out
+    assert re.search(
+        r"Epoch 0: backbone frozen; 6,147 trainable parameters; learning rates head 0.001, backbone 0.0001", out
+    )
+    assert re.search(r"Epoch 1: backbone training; 23,514,179 trainable parameters", out)
+
+
+def test_gradual_unfreezing_resumes_to_the_same_result(
+    image_folder: Path, tmp_path: Path, initial_weights: Path
+) -> None:
+    # Resuming after the unfreeze epoch keeps the backbone training (unlike a re-applied freeze).
+    main(gradual(image_folder, tmp_path / "straight", initial_weights, "--trainer.max_epochs", "3"))
+    main(gradual(image_folder, tmp_path / "split", initial_weights, "--trainer.max_epochs", "2"))
+    main(gradual(image_folder, tmp_path / "split", initial_weights, "--trainer.max_epochs", "3", "--ckpt_path", "last"))
+    straight = torch.load(run_dirs(tmp_path / "straight")[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(run_dirs(tmp_path / "split")[1] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert straight["epoch"] == resumed["epoch"] == 2
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key

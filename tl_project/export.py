@@ -1,0 +1,190 @@
+"""Export a checkpoint to ONNX or TorchScript, and predict with the ONNX file.
+
+    python -m tl_project export --ckpt_path runs/version_0/checkpoints/best.ckpt --format onnx
+    python -m tl_project predict --ckpt_path runs/version_0/export/best.onnx --data.predict_dir photos/
+
+The exported network takes normalised float32 images (N x 3 x S x S) and returns
+class logits. Beside it, `<file>.json` records what a user of the file needs: the
+class names and the preprocessing (resize, center crop, mean, std). Before it is
+kept, the file's outputs are compared with PyTorch's on a batch; above the
+tolerance it is removed and the export fails.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from tl_project.callbacks import write_predictions
+from tl_project.checkpoints import read_checkpoint
+from tl_project.data import ImageDataModule
+from tl_project.errors import UserError
+from tl_project.model import TransferLearningModel
+from tl_project.transforms import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+
+
+def export(
+    ckpt_path: str,
+    format: Literal["onnx", "torchscript"] = "onnx",
+    output: str | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+) -> Path:
+    """Export a tl_project checkpoint and check it against PyTorch.
+
+    Args:
+        ckpt_path: The checkpoint to export.
+        format: onnx (run with onnxruntime) or torchscript (torch.jit).
+        output: The file to write; default <run>/export/<checkpoint name>.onnx or .pt. Never overwritten.
+        rtol: Relative tolerance of the parity check against PyTorch.
+        atol: Absolute tolerance of the parity check against PyTorch.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    source = Path(ckpt_path)
+    suffix = ".onnx" if format == "onnx" else ".pt"
+    target = Path(output) if output else source.resolve().parents[1] / "export" / (source.stem + suffix)
+    if target.exists():
+        raise UserError(f"{target} exists; pass --output with a new file name.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    model = TransferLearningModel.load_from_checkpoint(source, weights=None, map_location="cpu").eval()
+    network = nn.Sequential(model.backbone, model.head).eval()  # images -> logits, nothing else
+    image_size = int((checkpoint.get("datamodule_hyper_parameters") or {}).get("image_size", 224))
+    example = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(example)
+        if format == "onnx":
+            torch.onnx.export(
+                network,
+                (example,),
+                str(target),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes={"input": {0: torch.export.Dim("batch")}},
+                dynamo=True,
+            )
+            exported = torch.from_numpy(OnnxClassifier.session(target).run(None, {"images": example.numpy()})[0])
+        else:
+            traced = torch.jit.trace(network, example)
+            traced.save(str(target))
+            exported = torch.jit.load(str(target))(example)
+
+    difference = (exported - expected).abs().max().item()
+    print(f"Parity with PyTorch on a batch of 4: max abs difference {difference:.3g} (rtol {rtol:g}, atol {atol:g})")
+    if not torch.allclose(exported, expected, rtol=rtol, atol=atol):
+        target.unlink()
+        raise UserError(f"The exported {format} model differs from PyTorch beyond the tolerance; nothing was kept.")
+    meta = {
+        "format": format,
+        "checkpoint": str(source),
+        "backbone": model.hparams["backbone"],
+        "classes": model.class_names,
+        "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "image_size": image_size},
+        "preprocessing": {
+            "resize_short_side": round(image_size / CROP_RATIO),
+            "center_crop": image_size,
+            "scale": "pixel / 255",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "output": {"name": "logits", "softmax": "apply for probabilities"},
+    }
+    Path(f"{target}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"Exported {format} model to {target} (classes and preprocessing in {target}.json)")
+    return target
+
+
+class OnnxClassifier:
+    """An exported ONNX model with its sidecar: class names and image size."""
+
+    def __init__(self, path: Path) -> None:
+        sidecar = Path(f"{path}.json")
+        if not sidecar.is_file():
+            raise UserError(f"{sidecar} is missing: export the model with python -m tl_project export.")
+        self.meta = json.loads(sidecar.read_text())
+        self.classes: list[str] = self.meta["classes"]
+        self.image_size: int = self.meta["input"]["image_size"]
+        self.run = self.session(path).run
+
+    @staticmethod
+    def session(path: Path) -> Any:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError("Running ONNX models needs onnxruntime: pip install 'tl_project[export]'.") from None
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.run(None, {"images": images.numpy().astype(np.float32)})[0]
+        return torch.from_numpy(logits).softmax(dim=1)
+
+
+def predict_onnx(
+    ckpt_path: str,
+    predict_dir: str,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    on_bad_image: Literal["error", "skip"] = "error",
+    default_root_dir: str = "runs",
+) -> Path:
+    """`predict` with an exported ONNX file: predictions.csv in a new run folder, as with a checkpoint."""
+    model = OnnxClassifier(Path(ckpt_path))
+    data = ImageDataModule(
+        dataset=None,
+        root=None,
+        classes=model.classes,
+        image_size=model.image_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        predict_dir=predict_dir,
+        on_bad_image=on_bad_image,
+    )
+    data.setup("predict")
+    rows: dict[int, tuple[list[int], list[float]]] = {}
+    for images, _, indices in data.predict_dataloader():
+        top = model.probabilities(images).topk(min(5, len(model.classes)), dim=1)
+        for index, classes, probabilities in zip(
+            indices.tolist(), top.indices.tolist(), top.values.tolist(), strict=True
+        ):
+            rows[index] = (classes, probabilities)
+    path = Path(CSVLogger(save_dir=default_root_dir, name="").log_dir) / "predictions.csv"
+    write_predictions(path, rows, data.predict_paths, model.classes)
+    print(f"Predictions for {len(rows)} images written to {path}")
+    return path
+
+
+def main_export(args: list[str]) -> None:
+    """`python -m tl_project export ...`"""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m tl_project export", description=export.__doc__)
+    parser.add_function_arguments(export, as_positional=False)
+    export(**parser.parse_args(args).as_dict())
+
+
+def main_predict_onnx(args: list[str]) -> None:
+    """`python -m tl_project predict --ckpt_path X.onnx --data.predict_dir DIR ...`"""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m tl_project predict (ONNX)")
+    parser.add_argument("--ckpt_path", required=True, help="The exported .onnx file.")
+    parser.add_argument("--data.predict_dir", required=True, help="A folder (searched recursively) or one image.")
+    parser.add_argument("--data.batch_size", type=int, default=32)
+    parser.add_argument("--data.num_workers", type=int, default=0)
+    parser.add_argument("--data.on_bad_image", type=Literal["error", "skip"], default="error")
+    parser.add_argument("--trainer.default_root_dir", default="runs")
+    config = parser.parse_args(args)
+    predict_onnx(
+        config.ckpt_path,
+        config.data.predict_dir,
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        on_bad_image=config.data.on_bad_image,
+        default_root_dir=config.trainer.default_root_dir,
+    )

@@ -1,0 +1,232 @@
+"""The test report: numbers, pictures and a model card, written after every `test`.
+
+`write_report(folder, ...)` writes into `folder`:
+
+- `metrics.json`: top-1 / top-5 / macro accuracy, loss, expected calibration error,
+  per-class precision, recall, F1 and support, the confusion matrix;
+- `confusion_matrix.png`: counts and row-normalised, drawn by torchmetrics' `plot()`;
+- `misclassified.png` and `misclassified.csv`: the most confidently wrong test images;
+- `curves.png`: loss and accuracy per epoch of the training run, from its `metrics.csv`;
+- `report.md`: all of it together, with the data, the recipe and the commands.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.ticker import MaxNLocator
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+# Above this many classes, cell values would not fit in the confusion-matrix picture.
+ANNOTATE_UP_TO = 20
+
+
+def _as_list(value: Any) -> Any:
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+def build_metrics(
+    results: Mapping[str, Any], logged: Mapping[str, float], class_names: Sequence[str]
+) -> dict[str, Any]:
+    """The content of metrics.json from the model's test results and the logged test metrics."""
+    confusion = results["confusion_matrix"]
+    support = confusion.sum(dim=1)
+    per_class = {
+        name: {
+            "precision": float(results["precision"][i]),
+            "recall": float(results["recall"][i]),
+            "f1": float(results["f1"][i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+    overall = {key.removeprefix("test/"): float(value) for key, value in logged.items() if key.startswith("test/")}
+    return {
+        "num_images": int(support.sum()),
+        **overall,
+        "expected_calibration_error": float(results["ece"]),
+        "per_class": per_class,
+        "classes": list(class_names),
+        "confusion_matrix": _as_list(confusion),
+    }
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], path: Path) -> None:
+    """Counts and row-normalised confusion matrices side by side."""
+    side = max(5.0, 0.45 * len(class_names) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side), constrained_layout=True)
+    rows = confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    annotate = len(class_names) <= ANNOTATE_UP_TO
+    metric = MulticlassConfusionMatrix(len(class_names))
+    for ax, values, title in (
+        (axes[0], confusion, "counts"),
+        (axes[1], (confusion / rows).round(decimals=2), "normalised by true class"),
+    ):
+        metric.plot(values, ax=ax, add_text=annotate, labels=list(class_names))
+        ax.set_title(f"Confusion matrix ({title})")
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.tick_params(axis="x", labelrotation=45)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _to_picture(image: Any) -> np.ndarray:
+    """A PIL image or a uint8 CHW tensor as an HxWx3 array for imshow."""
+    if isinstance(image, torch.Tensor):
+        return image.permute(1, 2, 0).numpy()
+    return np.asarray(image)
+
+
+def plot_misclassified(
+    wrong: Sequence[tuple[float, int, int, int]], dataset: Any, class_names: Sequence[str], path: Path
+) -> None:
+    """A grid of the most confidently wrong images: true and predicted class, confidence."""
+    columns = min(4, max(1, len(wrong)))
+    rows = max(1, math.ceil(len(wrong) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (confidence, index, target, predicted) in zip(axes.flat, wrong, strict=False):
+        image, _ = dataset.load(index)
+        ax.imshow(_to_picture(image))
+        ax.set_title(f"true: {class_names[target]}\npredicted: {class_names[predicted]} ({confidence:.2f})", fontsize=9)
+    if not wrong:
+        axes.flat[0].text(0.5, 0.5, "No misclassified test images", ha="center", va="center")
+    fig.suptitle("Most confidently wrong test images")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the first row
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def read_epoch_curves(metrics_csv: Path) -> dict[str, dict[int, float]]:
+    """Per-epoch values of train/val loss and accuracy from a CSVLogger metrics.csv."""
+    curves: dict[str, dict[int, float]] = {k: {} for k in ("train/loss", "val/loss", "train/acc", "val/acc")}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, values in curves.items():
+                if row.get(key) and row.get("epoch"):
+                    values[int(float(row["epoch"]))] = float(row[key])
+    return curves
+
+
+def plot_curves(curves: Mapping[str, Mapping[int, float]], path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, quantity in zip(axes, ("loss", "acc"), strict=True):
+        for stage, style in (("train", "o-"), ("val", "s--")):
+            points = curves.get(f"{stage}/{quantity}", {})
+            if points:
+                epochs = sorted(points)
+                ax.plot(epochs, [points[e] for e in epochs], style, label=stage)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        values = [v for stage in ("train", "val") for v in curves.get(f"{stage}/{quantity}", {}).values()]
+        if quantity == "loss" and values and min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_yscale("log")  # early losses of a fresh head can dwarf the rest
+        ax.set_title("loss" if quantity == "loss" else "top-1 accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_report(
+    folder: Path,
+    results: Mapping[str, Any],
+    logged: Mapping[str, float],
+    class_names: Sequence[str],
+    dataset: Any,
+    context: Mapping[str, Any],
+) -> Path:
+    """Write every report file into `folder`; returns the path of report.md."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = build_metrics(results, logged, class_names)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(results["confusion_matrix"], class_names, folder / "confusion_matrix.png")
+
+    wrong = results["most_confident_wrong"]
+    plot_misclassified(wrong, dataset, class_names, folder / "misclassified.png")
+    with open(folder / "misclassified.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "true", "predicted", "confidence"])
+        for confidence, index, target, predicted in wrong:
+            writer.writerow([dataset.describe(index), class_names[target], class_names[predicted], f"{confidence:.4f}"])
+
+    training_metrics = context.get("training_metrics")
+    has_curves = training_metrics is not None and Path(training_metrics).is_file()
+    if training_metrics is not None and has_curves:
+        plot_curves(read_epoch_curves(Path(training_metrics)), folder / "curves.png")
+
+    path = folder / "report.md"
+    path.write_text(_model_card(metrics, context, has_curves))
+    return path
+
+
+def _model_card(metrics: Mapping[str, Any], context: Mapping[str, Any], has_curves: bool) -> str:
+    model, data = context.get("model", {}), context.get("data", {})
+    source = data.get("dataset") or f"image folder {data.get('root')}"
+    names = {"acc": "top-1 accuracy", "acc_top5": "top-5 accuracy", "acc_macro": "macro accuracy"}
+    percent = {names[k]: 100 * metrics[k] for k in names if k in metrics}
+    lines = [
+        "# Test report",
+        "",
+        f"Checkpoint: `{context.get('ckpt_path')}`",
+        "",
+        "## Data",
+        "",
+        f"- Source: {source} (root `{data.get('root')}`), {metrics['num_images']} test images, "
+        f"{data.get('image_size')} px",
+        f"- Classes ({len(metrics['classes'])}): {', '.join(metrics['classes'])}",
+        "",
+        "## Model and recipe",
+        "",
+        f"- Backbone: {model.get('backbone')}, initial weights: {model.get('weights')}, "
+        f"fine-tuning: {model.get('finetune')}",
+        f"- Optimizer: {context.get('optimizer', 'see the training run config.yaml')}",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {name} | {value:.2f} % |" for name, value in percent.items()),
+        f"| test loss | {metrics.get('loss', float('nan')):.4f} |",
+        f"| expected calibration error | {metrics['expected_calibration_error']:.4f} |",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+            for name, m in metrics["per_class"].items()
+        ),
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![most confidently wrong](misclassified.png) (paths in `misclassified.csv`)",
+        "",
+        *(["![training curves](curves.png)", ""] if has_curves else []),
+        "## Reproduce",
+        "",
+        "```",
+        f"python -m tl_project test --ckpt_path {context.get('ckpt_path')}",
+        *(
+            [f"python -m tl_project fit --config {context['training_config']}"]
+            if context.get("training_config")
+            else []
+        ),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
