@@ -112,12 +112,13 @@ class PredictionWriter(BasePredictionWriter):
             dist.all_gather_object(gathered, rows)
             rows = {index: row for part in gathered for index, row in part.items()}
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
-        if not trainer.is_global_zero:
-            return
-        paths = trainer.datamodule.predict_paths  # type: ignore[attr-defined]
-        self.path = Path(run_dir) / self.FILENAME
-        write_predictions(self.path, rows, paths, pl_module.class_names)  # type: ignore[arg-type]
-        print(f"Predictions for {len(rows)} images written to {self.path}")
+        if trainer.is_global_zero:
+            paths = trainer.datamodule.predict_paths  # type: ignore[attr-defined]
+            self.path = Path(run_dir) / self.FILENAME
+            write_predictions(self.path, rows, paths, pl_module.class_names)  # type: ignore[arg-type]
+            print(f"Predictions for {len(rows)} images written to {self.path}")
+        # Every rank leaves together: none tears down the process group while rank 0 still writes.
+        trainer.strategy.barrier("predictions written")
 
 
 def write_predictions(
@@ -195,8 +196,11 @@ class TestReport(Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
-        if not trainer.is_global_zero:
-            return
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, Path(run_dir))
+        trainer.strategy.barrier("test report written")  # every rank leaves together
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, run_dir: Path) -> None:
         datamodule: Any = trainer.datamodule  # type: ignore[attr-defined]
         context: dict[str, Any] = {
             "ckpt_path": trainer.ckpt_path,
@@ -213,7 +217,7 @@ class TestReport(Callback):
                 context["optimizer"] = describe_optimizer(training_run / "config.yaml")
         logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
         path = write_report(
-            Path(run_dir) / "report",
+            run_dir / "report",
             pl_module.test_results,  # type: ignore[arg-type]
             logged,
             pl_module.class_names,  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter, TestReport
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
@@ -112,6 +113,27 @@ def check_output_dir(root: Path, model: torch.nn.Module) -> None:
         )
 
 
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU computes bf16 natively (AMX or AVX-512 BF16), as Linux reports it."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def fast_precision(accelerator: Any) -> tuple[str, str]:
+    """The fastest precision this machine runs natively for `accelerator`, and why."""
+    on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if on_gpu:
+        if torch.cuda.get_device_capability()[0] >= 8:
+            return "bf16-mixed", "a CUDA GPU with compute capability 8.0 or newer"
+        return "16-mixed", "a CUDA GPU older than compute capability 8.0"
+    if cpu_has_native_bf16():
+        return "bf16-mixed", "a CPU with native bf16 (AMX or AVX-512 BF16)"
+    return "32-true", "no native bf16 on this CPU"
+
+
 class TransferLearningCLI(LightningCLI):
     """LightningCLI with tl_project's links, default callbacks and checkpoint-driven evaluation."""
 
@@ -161,7 +183,7 @@ class TransferLearningCLI(LightningCLI):
         """Done in `parse_arguments`, where the checkpoint's values rank below explicit ones."""
 
     def before_instantiate_classes(self) -> None:
-        subcommand_config = self.config[self.subcommand]
+        subcommand_config = self.config[self.subcommand] if self.subcommand else self.config
         if subcommand_config.get("weights_only", False) is None:
             subcommand_config.weights_only = True  # Trainer reads checkpoints as tensors and plain values
 
@@ -169,6 +191,9 @@ class TransferLearningCLI(LightningCLI):
         check_output_dir(Path(self.trainer.default_root_dir), self.model)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        if config.get("precision") is None:  # an explicit --trainer.precision always wins
+            config["precision"], why = fast_precision(config.get("accelerator", "auto"))
+            rank_zero_info(f"Precision {config['precision']}: {why} (set --trainer.precision to choose)")
         if config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
             config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")

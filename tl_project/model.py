@@ -67,6 +67,7 @@ class TransferLearningModel(L.LightningModule):
         unfreeze_at_epoch: int = 1,
         backbone_lr_factor: float = 0.1,
         label_smoothing: float = 0.0,
+        channels_last: bool = True,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -80,6 +81,7 @@ class TransferLearningModel(L.LightningModule):
             unfreeze_at_epoch: With finetune gradual: the epoch (from 0) at which the backbone starts training.
             backbone_lr_factor: With finetune gradual: the backbone's learning rate relative to the head's.
             label_smoothing: Label smoothing of the cross-entropy loss, 0 for none.
+            channels_last: Run convolutions in channels-last memory format (faster on most CPUs and GPUs).
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
             lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
         """
@@ -120,8 +122,14 @@ class TransferLearningModel(L.LightningModule):
         self.test_results: dict[str, Any] = {}
         self._was_frozen: bool | None = None  # the phase of the last training epoch (gradual)
 
+    def setup(self, stage: str) -> None:
+        if self.hparams["channels_last"]:
+            self.to(memory_format=torch.channels_last)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of normalised images."""
+        if self.hparams["channels_last"] and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.finetune == "gradual" and self.backbone_frozen:
             # No gradients reach the backbone; its parameters still require them, so that
             # DDP, which registers parameters once, keeps reducing them after the unfreeze.
