@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch.distributed as dist
 import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tl_project.checkpoints import read_checkpoint
+from tl_project.model import gather_objects
 from tl_project.report import write_report
 
 
@@ -106,11 +106,7 @@ class PredictionWriter(BasePredictionWriter):
             self.rows[index] = (classes, probabilities)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = self.rows
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, rows)
-            rows = {index: row for part in gathered for index, row in part.items()}
+        rows = {index: row for part in gather_objects(self.rows) for index, row in part.items()}
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
         if trainer.is_global_zero:
             paths = trainer.datamodule.predict_paths  # type: ignore[attr-defined]

@@ -39,6 +39,15 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 MOST_WRONG = 16
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """`value` from every process, in rank order (just `[value]` when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     """The recipe's optimizer: SGD(lr=0.001, momentum=0.9)."""
     return torch.optim.SGD(params, lr=0.001, momentum=0.9)
@@ -239,11 +248,7 @@ class TransferLearningModel(L.LightningModule):
         self.print(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
         results = {name: value.cpu() for name, value in self.report_metrics.compute().items()}
         self.report_metrics.reset()
-        wrong = self._wrong
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, wrong)
-            wrong = [row for part in gathered for row in part]
+        wrong = [row for part in gather_objects(self._wrong) for row in part]
         results["most_confident_wrong"] = sorted(wrong, reverse=True)[:MOST_WRONG]
         self.test_results = results
 
