@@ -163,7 +163,7 @@ def main_export(args: list[str]) -> None:
     """`python -m tl_project export ...`"""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="python -m tl_project export", description=export.__doc__)
+    parser = ArgumentParser(prog="python -m tl_project export", description=(export.__doc__ or "").split("\n")[0])
     parser.add_function_arguments(export, as_positional=False)
     export(**parser.parse_args(args).as_dict())
 
