@@ -108,3 +108,49 @@ def test_gradual_unfreezing_resumes_to_the_same_result(
     assert straight["epoch"] == resumed["epoch"] == 2
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+# --- feature cache ---
+
+
+def test_feature_cache_computes_once_then_hits_and_trains_the_same(image_folder: Path, tmp_path: Path) -> None:
+    from tl_project import ImageDataModule, TransferLearningModel
+
+    def fit(cache: bool) -> tuple[TransferLearningModel, list[int]]:
+        import lightning as L
+
+        torch.manual_seed(0)
+        model = TransferLearningModel(3, backbone="resnet18", weights=None, finetune="head", cache_features=cache)
+        calls: list[int] = []
+        model.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+        data = ImageDataModule(
+            dataset=None, root=str(image_folder), image_size=32, batch_size=4, num_workers=0, augment=False
+        )
+        trainer = L.Trainer(
+            max_epochs=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, datamodule=data)
+        return model, calls
+
+    cached, cached_calls = fit(cache=True)
+    plain, plain_calls = fit(cache=False)
+    assert cached_calls == [4] * 6  # one pass over the 24 training images, before the first epoch
+    assert plain_calls == [4] * 18  # 6 batches in each of 3 epochs
+    assert torch.equal(cached.head.weight, plain.head.weight)
+
+
+def test_feature_cache_refuses_changing_features(
+    image_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli import exit_code
+
+    args = fit_args(image_folder, tmp_path / "runs", "--model.cache_features", "true", "--model.finetune", "head")
+    assert exit_code(args) == 2  # augmentation on: the features would differ every epoch
+    assert "--data.augment false" in capfd.readouterr().err

@@ -319,6 +319,7 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         image_size: int = 224,
         min_crop_scale: float = 0.08,
+        augment: bool = True,
         val_split: float = 0.1,
         test_split: float = 0.1,
         seed: int = 42,
@@ -336,6 +337,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers: Loader worker processes per device; null picks the usable cores (at most 8).
             image_size: Side of the square images the model sees, in pixels.
             min_crop_scale: Smallest area fraction of a random training crop: 0.08 as for ImageNet; raise it for small or centred objects.
+            augment: Random crops and flips for training; false trains on the evaluation view (model.cache_features needs it).
             val_split: Fraction of each class held out for validation when there is no val folder.
             test_split: Fraction of each class held out for testing when there is no test folder (folders only).
             seed: Seed of the stratified split; keep it to evaluate the same held-out images later.
@@ -370,6 +372,7 @@ class ImageDataModule(L.LightningDataModule):
         if not 0.0 < min_crop_scale <= 1.0:
             raise UserError(f"data.min_crop_scale is {min_crop_scale}; it must be in (0, 1].")
         self.min_crop_scale = min_crop_scale
+        self.augment = augment
         self.val_split = val_split
         self.test_split = test_split
         self.seed = seed
@@ -454,8 +457,8 @@ class ImageDataModule(L.LightningDataModule):
                 )
 
     def _build_labelled(self) -> None:
-        train_tf = train_transform(self.image_size, self.min_crop_scale)
         eval_tf = eval_transform(self.image_size)
+        train_tf = train_transform(self.image_size, self.min_crop_scale) if self.augment else eval_tf
         if self.dataset is not None:
             images, labels = read_named(self.dataset, self.named_root, train=True)
             rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)

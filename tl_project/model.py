@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -77,6 +78,7 @@ class TransferLearningModel(L.LightningModule):
         backbone_lr_factor: float = 0.1,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
+        cache_features: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -91,6 +93,7 @@ class TransferLearningModel(L.LightningModule):
             backbone_lr_factor: With finetune gradual: the backbone's learning rate relative to the head's.
             label_smoothing: Label smoothing of the cross-entropy loss, 0 for none.
             channels_last: Run convolutions in channels-last memory format (faster on most CPUs and GPUs).
+            cache_features: With finetune head and data.augment false: compute the frozen backbone's features once, before the first epoch, and train the head on them.
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
             lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
         """
@@ -130,6 +133,8 @@ class TransferLearningModel(L.LightningModule):
         self._wrong: list[tuple[float, int, int, int]] = []  # (confidence, index, target, prediction)
         self.test_results: dict[str, Any] = {}
         self._was_frozen: bool | None = None  # the phase of the last training epoch (gradual)
+        # Frozen-backbone features of the training images by dataset index (cache_features).
+        self._features: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
         if self.hparams["channels_last"]:
@@ -177,7 +182,37 @@ class TransferLearningModel(L.LightningModule):
         )
         self.log("trainable_params", float(count), on_epoch=True, on_step=False)
 
+    def _cached_logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The head on the cached backbone features of these images."""
+        assert self._features is not None
+        return self.head(self._features[indices].to(self.head.weight.dtype))
+
+    def on_train_start(self) -> None:
+        if not self.hparams["cache_features"]:
+            return
+        # One pass over every training image, in order, before the first step: later
+        # epochs only look features up (shuffling and drop_last cannot leave gaps).
+        datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
+        dataset = datamodule.datasets["train"]
+        self.train()  # Lightning may have restored saved module modes: the frozen backbone is in eval
+        loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+        self._features = torch.zeros(len(dataset), self.head.in_features, device=self.device)
+        with torch.no_grad():
+            for images, _, indices in loader:
+                images = images.to(self.device)
+                if self.hparams["channels_last"]:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with self.trainer.precision_plugin.forward_context():
+                    self._features[indices.to(self.device)] = self.backbone(images).float()
+
     def on_fit_start(self) -> None:
+        if self.hparams["cache_features"]:
+            datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
+            if self.finetune != "head" or getattr(datamodule, "augment", True):
+                raise UserError(
+                    "model.cache_features reuses the backbone's features, so they must not change: "
+                    "pass --model.finetune head and --data.augment false."
+                )
         ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         needs_flag = self.finetune == "gradual" and self.trainer.world_size > 1 and ddp_kwargs is not None
         if needs_flag and not ddp_kwargs.get("find_unused_parameters"):  # type: ignore[union-attr]
@@ -190,7 +225,9 @@ class TransferLearningModel(L.LightningModule):
 
     def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
         images, labels, indices = batch
-        logits = self(images)
+        logits = (
+            self._cached_logits(images, indices) if stage == "train" and self._features is not None else self(images)
+        )
         if stage == "test":
             self._update_report(logits, labels, indices)
         loss = self.loss_fn(logits, labels)
