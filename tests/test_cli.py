@@ -152,8 +152,9 @@ def test_test_needs_only_the_checkpoint(
     data = ImageDataModule(dataset=None, root=str(trained["root"]), image_size=32, num_workers=0)
     data.setup("test")
     with torch.no_grad():
-        correct = sum(int(model(x.unsqueeze(0)).argmax() == y) for x, y, _ in data.datasets["test"])  # type: ignore[attr-defined]
-    assert float(printed[0]) == pytest.approx(100 * correct / len(data.datasets["test"]), abs=0.006)  # type: ignore[arg-type]
+        batches = [data.on_after_batch_transfer(batch) for batch in data.test_dataloader()]
+        correct = sum(int((model(images).argmax(1) == labels).sum()) for images, labels, _ in batches)
+    assert float(printed[0]) == pytest.approx(100 * correct / len(data.datasets["test"]), abs=0.006)
 
 
 def test_explicit_flags_override_the_checkpoint(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from torchvision.transforms.functional import pil_to_tensor
 
 from tests.conftest import COLORS, make_image_folder
-from tl_project.data import ImageDataModule, load_image, stratified_split
+from tl_project.data import ImageDataModule, load_image, stratified_split, to_rgb
 from tl_project.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -80,7 +81,9 @@ def test_split_folders_are_used_and_missing_ones_carved_from_train(tmp_path: Pat
 def test_batches_are_normalised_rgb_at_image_size(image_folder: Path) -> None:
     data = _folder_module(image_folder)
     data.setup("fit")
-    images, labels, indices = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
+    assert batch[0].dtype == torch.uint8  # workers send bytes; floats are made on the device
+    images, labels, indices = data.on_after_batch_transfer(batch)
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.int64
     assert sorted(indices.tolist()) == sorted(set(indices.tolist()))  # each item knows its dataset index
@@ -95,25 +98,48 @@ def test_non_image_files_are_ignored(image_folder: Path) -> None:
     assert sum(len(data.datasets[split]) for split in ("train", "val", "test")) == 30
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
-def test_every_image_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
-    image = Image.new("RGB", (8, 6), (200, 100, 50)).convert(mode)
-    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
-    image.save(path)
+def _pil_rgb(path: Path) -> torch.Tensor:
+    """The reference decode: PIL, EXIF applied, `to_rgb`."""
+    with Image.open(path) as opened:
+        return pil_to_tensor(to_rgb(ImageOps.exif_transpose(opened)))
+
+
+MODES_BY_FORMAT = {
+    ".png": ["RGB", "L", "P", "PA", "RGBA", "LA", "I;16", "1"],
+    ".jpg": ["RGB", "L", "CMYK"],
+    ".webp": ["RGB", "RGBA"],
+    ".bmp": ["RGB", "L", "P", "1"],
+}
+
+
+@pytest.mark.parametrize(("suffix", "mode"), [(s, m) for s, modes in MODES_BY_FORMAT.items() for m in modes])
+def test_every_image_mode_becomes_the_same_rgb_as_pil(tmp_path: Path, mode: str, suffix: str) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 8, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA")
+    if mode == "I;16":
+        image = Image.fromarray(np.random.default_rng(1).integers(0, 65536, (6, 8)).astype(np.uint16))
+    elif mode == "PA":
+        image = image.convert("P")
+    elif mode != "RGBA":
+        image = image.convert(mode)
+    path = tmp_path / f"x{suffix}"
+    image.save(path, **({"transparency": 3} if mode == "PA" else {}))
     rgb = load_image(path)
-    assert rgb.mode == "RGB" and rgb.size == (8, 6)
+    assert rgb.dtype == torch.uint8 and rgb.shape == (3, 6, 8)
+    # JPEG/PNG go through torchvision.io, the rest through PIL: the same pixels either way.
+    assert (rgb.int() - _pil_rgb(path).int()).abs().max() <= 1
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     path = tmp_path / "deep.png"
     Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16)).save(path)  # mid-grey in 16 bits
-    assert load_image(path).getpixel((0, 0)) == (128, 128, 128)
+    assert load_image(path)[:, 0, 0].tolist() == [128, 128, 128]
 
 
 def test_transparent_pixels_become_white(tmp_path: Path) -> None:
     path = tmp_path / "clear.png"
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(path)
-    assert load_image(path).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(path)[:, 0, 0].tolist() == [255, 255, 255]
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -121,7 +147,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     Image.new("RGB", (40, 20), (10, 20, 30)).save(path, exif=exif)
-    assert load_image(path).size == (20, 40)
+    assert load_image(path).shape == (3, 40, 20)
 
 
 def test_predict_dir_is_searched_recursively(image_folder: Path) -> None:
@@ -219,8 +245,8 @@ def test_fashion_mnist_from_raw_idx_files(tmp_path: Path, layout: str) -> None:
     data.setup("fit")
     assert len(data.datasets["train"]) == 90 and len(data.datasets["val"]) == 10
     assert Counter(int(data.datasets["val"].labels[i]) for i in range(10)) == dict.fromkeys(range(10), 1)  # type: ignore[attr-defined]
-    images, _, _ = next(iter(data.val_dataloader()))
-    assert images.shape == (8, 3, 32, 32)
+    images, _, _ = data.on_after_batch_transfer(next(iter(data.val_dataloader())))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
     data.setup("test")
     assert len(data.datasets["test"]) == 20
 
@@ -259,7 +285,7 @@ def test_real_fashion_mnist_from_debian_package() -> None:
     data.setup("test")
     sizes = {split: len(data.datasets[split]) for split in ("train", "val", "test")}
     assert sizes == {"train": 54000, "val": 6000, "test": 10000}
-    images, labels, _ = next(iter(data.test_dataloader()))
+    images, labels, _ = data.on_after_batch_transfer(next(iter(data.test_dataloader())))
     assert images.shape == (32, 3, 32, 32) and labels.max() < 10
     # The module reads the system folder in place: nothing is written there.
     assert sorted(p.name for p in DEBIAN_FASHION_MNIST.iterdir()) == sorted(

@@ -37,10 +37,12 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.functional import pil_to_tensor
 
 from tl_project.checks import DataReport, check_images
 from tl_project.errors import UserError
-from tl_project.transforms import eval_transform, train_transform
+from tl_project.transforms import CropSampler, eval_transform, normalize, resized_crops, train_transform
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -81,15 +83,52 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode `path` as an RGB image: EXIF orientation applied, any mode converted."""
+def load_image(path: Path) -> torch.Tensor:
+    """Decode `path` as a uint8 RGB tensor (3 x H x W): EXIF orientation applied, any mode converted.
+
+    JPEGs and 8/16-bit PNGs without a palette go through torchvision.io's decoders
+    (libjpeg-turbo, libpng; no PIL round trip); other formats and PNG variants, and
+    the rare files those decoders refuse, through PIL, to the same pixels.
+    """
     try:
+        data = torchvision.io.read_file(str(path))
+        mode = _torchvision_mode(data)
+        if mode is not None:
+            try:
+                return _rgb_tensor(decode_image(data, mode=mode, apply_exif_orientation=True))
+            except RuntimeError:
+                pass  # e.g. a JPEG variant libjpeg-turbo does not read: PIL below
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened)
             image.load()
-            return to_rgb(image)
+            return pil_to_tensor(to_rgb(image))
     except Exception as error:
         raise UserError(f"Cannot decode image {path}: {error}. Remove or replace that file.") from None
+
+
+def _torchvision_mode(data: torch.Tensor) -> ImageReadMode | None:
+    """How torchvision.io decodes these file bytes to match PIL's pixels, or None to use PIL."""
+    head = bytes(data[:26].tolist())
+    if head.startswith(b"\xff\xd8\xff"):
+        return ImageReadMode.RGB  # JPEG: gray and CMYK converted by libjpeg-turbo
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) == 26:
+        bit_depth, color_type = head[24], head[25]
+        # Palette and 1/2/4-bit PNGs come back as indices or unscaled values: PIL reads them.
+        if bit_depth in (8, 16) and color_type in (0, 2):
+            return ImageReadMode.RGB
+        if bit_depth in (8, 16) and color_type in (4, 6):
+            return ImageReadMode.RGB_ALPHA
+    return None
+
+
+def _rgb_tensor(image: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB from torchvision's RGB or RGBA output: 16 bits scaled, transparency on white."""
+    if image.dtype != torch.uint8:
+        image = (image.to(torch.float32) / 257).round().to(torch.uint8)
+    if image.shape[0] == 4:
+        alpha = image[3:].to(torch.float32) / 255
+        image = (image[:3] * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -125,16 +164,18 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> tuple[Any, int]:
         raise NotImplementedError
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, ...]:
         """(transformed image, target, index); the index finds the file again (reports, predictions)."""
         if not isinstance(item, tuple):
-            image, target = self.load(item)
-            return self.transform(image), target, item
+            return self.item(item)
         epoch, index = item
-        image, target = self.load(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.transform(image), target, index
+            return self.item(index)
+
+    def item(self, index: int) -> tuple[Any, ...]:
+        image, target = self.load(index)
+        return self.transform(image), target, index
 
     def describe(self, index: int) -> str:
         """Where item `index` comes from, for people."""
@@ -151,7 +192,7 @@ class FolderDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return load_image(path), label
 
@@ -169,7 +210,7 @@ class PredictDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
         return load_image(self.paths[index]), -1
 
     def describe(self, index: int) -> str:
@@ -177,9 +218,14 @@ class PredictDataset(ImageDataset):
 
 
 class TensorImageDataset(ImageDataset):
-    """(image, label) pairs from in-memory uint8 images, N x H x W (gray) or N x H x W x C."""
+    """(image, label) pairs from in-memory uint8 images, N x H x W (gray) or N x H x W x C.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable, seed: int = 0) -> None:
+    Items are (uint8 image, target, index, crop params): `transform` is a `CropSampler`,
+    and `ImageDataModule.on_after_batch_transfer` crops, resizes and normalises the
+    batch on the device.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: CropSampler, seed: int = 0) -> None:
         super().__init__(transform, seed)
         self.images = images
         self.labels = labels
@@ -191,6 +237,11 @@ class TensorImageDataset(ImageDataset):
         image = self.images[index]
         image = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
         return image, int(self.labels[index])
+
+    def item(self, index: int) -> tuple[Any, ...]:
+        image, target = self.load(index)
+        image, params = self.transform(image)
+        return image.contiguous(), target, index, params
 
 
 class EpochSampler(DistributedSampler):
@@ -463,10 +514,12 @@ class ImageDataModule(L.LightningDataModule):
             images, labels = read_named(self.dataset, self.named_root, train=True)
             rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
             test_images, test_labels = read_named(self.dataset, self.named_root, train=False)
+            eval_crop = CropSampler(self.image_size, train=False)
+            train_crop = CropSampler(self.image_size, self.min_crop_scale) if self.augment else eval_crop
             self.datasets = {
-                "train": TensorImageDataset(images[rest], labels[rest], train_tf, self.seed),
-                "val": TensorImageDataset(images[val], labels[val], eval_tf),
-                "test": TensorImageDataset(test_images, test_labels, eval_tf),
+                "train": TensorImageDataset(images[rest], labels[rest], train_crop, self.seed),
+                "val": TensorImageDataset(images[val], labels[val], eval_crop),
+                "test": TensorImageDataset(test_images, test_labels, eval_crop),
             }
             return
         samples = self._usable(self.folder_splits(), self.class_names)
@@ -583,6 +636,14 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> tuple[torch.Tensor, ...]:
+        """uint8 images on the device to normalised floats; in-memory images are cropped,
+        resized and flipped here too, by the params their item carries."""
+        images, targets, indices, *params = batch
+        if params:
+            return resized_crops(images, params[0], self.image_size), targets, indices
+        return normalize(images), targets, indices
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.utils.data import DataLoader
@@ -198,12 +199,12 @@ class TransferLearningModel(L.LightningModule):
         loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
         self._features = torch.zeros(len(dataset), self.head.in_features, device=self.device)
         with torch.no_grad():
-            for images, _, indices in loader:
-                images = images.to(self.device)
+            for batch in loader:
+                images, _, indices = datamodule.on_after_batch_transfer(move_data_to_device(batch, self.device))
                 if self.hparams["channels_last"]:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with self.trainer.precision_plugin.forward_context():
-                    self._features[indices.to(self.device)] = self.backbone(images).float()
+                    self._features[indices] = self.backbone(images).float()
 
     def on_fit_start(self) -> None:
         if self.hparams["cache_features"]:

@@ -1,11 +1,15 @@
-"""Train and eval image presets.
+"""Train and eval image presets, split between the loader workers and the device.
 
-Both take a PIL RGB image or a uint8 CHW tensor with 3 channels and return a
-normalised float tensor of `image_size` x `image_size`:
+Workers only cut and resize; the float work happens on the device, batched:
 
-- train: random resized crop + horizontal flip (the classic ImageNet recipe; the
-  smallest crop area is a setting, as small or centred objects want larger crops);
-- eval: resize the short side to `image_size / 0.875`, then center crop.
+- image files: `train_transform` / `eval_transform` turn a decoded uint8 image into
+  a uint8 `image_size` x `image_size` tensor (random resized crop + horizontal flip
+  for training, the classic ImageNet recipe; resize the short side to
+  `image_size / 0.875` and center crop for evaluation). `normalize` makes floats
+  on the device: a quarter of the bytes cross to it.
+- in-memory datasets (small images): `CropSampler` only draws each image's crop box
+  and flip; `resized_crops` cuts, resizes, flips and normalises the whole batch on
+  the device in one step (`torchvision.ops.roi_align`, bilinear like the worker path).
 
 Normalisation uses the ImageNet statistics that every torchvision ImageNet
 weights were trained with.
@@ -14,37 +18,87 @@ weights were trained with.
 from __future__ import annotations
 
 import torch
+from torchvision import transforms as v1
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Eval resizes to size / 0.875 before the center crop (256 -> 224), as torchvision's presets do.
 CROP_RATIO = 0.875
-
-
-def _normalize() -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+CROP_RATIOS = (3 / 4, 4 / 3)  # aspect ratios of the random crops, as torchvision's RandomResizedCrop
 
 
 def train_transform(image_size: int, min_crop_scale: float = 0.08) -> v2.Compose:
-    """Random resized crop (at least `min_crop_scale` of the area) and horizontal flip, then ImageNet normalisation."""
+    """Random resized crop (at least `min_crop_scale` of the area) and horizontal flip; uint8 out."""
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
+            v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), ratio=CROP_RATIOS, antialias=True),
             v2.RandomHorizontalFlip(),
-            *_normalize(),
+            v2.ToPureTensor(),
         ]
     )
 
 
 def eval_transform(image_size: int) -> v2.Compose:
-    """Resize and center crop, then ImageNet normalisation."""
+    """Resize and center crop; uint8 out."""
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(round(image_size / CROP_RATIO), antialias=True),
             v2.CenterCrop(image_size),
-            *_normalize(),
+            v2.ToPureTensor(),
         ]
     )
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0..255 float) images to float32 normalised by the ImageNet statistics."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(-1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def eval_box(height: int, width: int, image_size: int) -> tuple[float, float, float, float]:
+    """The source box (x1, y1, x2, y2) that `eval_transform`'s resize + center crop shows."""
+    short = round(image_size / CROP_RATIO)
+    long = int(short * max(height, width) / min(height, width))
+    new_h, new_w = (long, short) if width <= height else (short, long)
+    top, left = round((new_h - image_size) / 2), round((new_w - image_size) / 2)
+    sy, sx = height / new_h, width / new_w
+    return left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy
+
+
+class CropSampler:
+    """(image, params) for one in-memory image: its crop box and flip, drawn for training
+    as `train_transform` would draw them, fixed (`eval_box`, no flip) for evaluation.
+
+    params is float32 (x1, y1, x2, y2, flip); `resized_crops` applies it on the device.
+    """
+
+    def __init__(self, image_size: int, min_crop_scale: float = 0.08, train: bool = True) -> None:
+        self.image_size = image_size
+        self.scale = (min_crop_scale, 1.0)
+        self.train = train
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = image.shape[-2:]
+        if not self.train:
+            return image, torch.tensor([*eval_box(height, width, self.image_size), 0.0])
+        top, left, h, w = v1.RandomResizedCrop.get_params(image, list(self.scale), list(CROP_RATIOS))
+        flip = float(torch.rand(1).item() < 0.5)
+        return image, torch.tensor([left, top, left + w, top + h, flip], dtype=torch.float32)
+
+
+def resized_crops(images: torch.Tensor, params: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Cut each image's box, resize it to `image_size`, flip where asked, normalise: one batched step.
+
+    `roi_align` with aligned boxes samples bilinearly at the same points as a crop
+    followed by an (antialiased) resize; going down in size it averages several
+    samples a pixel, as antialiasing does.
+    """
+    boxes = torch.cat([torch.arange(len(images), device=images.device)[:, None], params[:, :4]], dim=1)
+    crops = roi_align(images.float(), boxes.float(), image_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    flip = params[:, 4].bool()[:, None, None, None]
+    return normalize(torch.where(flip, crops.flip(-1), crops))
