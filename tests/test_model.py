@@ -136,3 +136,22 @@ def test_channels_last_is_applied_to_weights_and_inputs() -> None:
     plain = _model(channels_last=False)
     plain.setup("fit")
     assert not plain.backbone.layer1[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_is_in_place_and_keeps_the_checkpoint_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inductor takes minutes to compile on a small CPU; the eager backend goes through the same wiring.
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="eager"))
+    model, eager = _model(compile=True), _model()
+    eager.load_state_dict(model.state_dict())
+    model.setup("fit")
+    compiled = model.backbone._compiled_call_impl
+    assert compiled is not None
+    model.setup("test")
+    assert model.backbone._compiled_call_impl is compiled  # compiled once
+    assert list(model.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefixes in checkpoints
+    images = torch.randn(2, 3, 32, 32)
+    eager.setup("fit")
+    assert torch.allclose(model.eval()(images), eager.eval()(images), atol=1e-5)
+    _train_step(model)  # gradients flow through the compiled backbone
+    assert model.backbone.conv1.weight.grad is not None

@@ -80,6 +80,7 @@ class TransferLearningModel(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = True,
         cache_features: bool = False,
+        compile: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -95,6 +96,7 @@ class TransferLearningModel(L.LightningModule):
             label_smoothing: Label smoothing of the cross-entropy loss, 0 for none.
             channels_last: Run convolutions in channels-last memory format (faster on most CPUs and GPUs).
             cache_features: With finetune head and data.augment false: compute the frozen backbone's features once, before the first epoch, and train the head on them.
+            compile: Compile the backbone with torch.compile (minutes of compiling first; see README, Performance).
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
             lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
         """
@@ -140,6 +142,9 @@ class TransferLearningModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams["channels_last"]:
             self.to(memory_format=torch.channels_last)
+        if self.hparams["compile"] and getattr(self.backbone, "_compiled_call_impl", None) is None:
+            # In place: the parameters and the checkpoint's keys stay those of the eager model.
+            self.backbone.compile()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of normalised images."""
