@@ -6,11 +6,13 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torchvision
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from tests.conftest import COLORS, make_image_folder
 from tests.test_cli import ACCURACY_LINE, QUIET, fit_args, run_dirs
@@ -113,30 +115,34 @@ def test_gradual_unfreezing_resumes_to_the_same_result(
 # --- feature cache ---
 
 
+def _fit_frozen(model: Any, image_folder: Path, tmp_path: Path, epochs: int, image_size: int = 32) -> Any:
+    """Fit without validation, logs or checkpoints on the folder's eval view; returns the data module."""
+    import lightning as L
+
+    from tl_project import ImageDataModule
+
+    data = ImageDataModule(
+        dataset=None, root=str(image_folder), image_size=image_size, batch_size=4, num_workers=0, augment=False
+    )
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    L.Trainer(max_epochs=epochs, limit_val_batches=0, default_root_dir=tmp_path, **quiet).fit(model, datamodule=data)
+    return data
+
+
 def test_feature_cache_computes_once_then_hits_and_trains_the_same(image_folder: Path, tmp_path: Path) -> None:
-    from tl_project import ImageDataModule, TransferLearningModel
+    from tl_project import TransferLearningModel
 
     def fit(cache: bool) -> tuple[TransferLearningModel, list[int]]:
-        import lightning as L
-
         torch.manual_seed(0)
         model = TransferLearningModel(3, backbone="resnet18", weights=None, finetune="head", cache_features=cache)
         calls: list[int] = []
         model.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
-        data = ImageDataModule(
-            dataset=None, root=str(image_folder), image_size=32, batch_size=4, num_workers=0, augment=False
-        )
-        trainer = L.Trainer(
-            max_epochs=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(model, datamodule=data)
+        _fit_frozen(model, image_folder, tmp_path, epochs=3)
         return model, calls
 
     cached, cached_calls = fit(cache=True)
@@ -144,6 +150,22 @@ def test_feature_cache_computes_once_then_hits_and_trains_the_same(image_folder:
     assert cached_calls == [4] * 6  # one pass over the 24 training images, before the first epoch
     assert plain_calls == [4] * 18  # 6 batches in each of 3 epochs
     assert torch.equal(cached.head.weight, plain.head.weight)
+
+
+def test_feature_cache_is_rebuilt_for_each_fit(image_folder: Path, tmp_path: Path) -> None:
+    """Nothing outlives a fit: other data or transforms (here the image size) get their own features."""
+    from tl_project import TransferLearningModel
+
+    model = TransferLearningModel(3, backbone="resnet18", weights=None, finetune="head", cache_features=True)
+    for image_size in (32, 48):
+        before = model.backbone.conv1.weight.clone()
+        data = _fit_frozen(model, image_folder, tmp_path, epochs=1, image_size=image_size)
+        assert torch.equal(model.backbone.conv1.weight, before)  # frozen: the cache stays valid during the fit
+        train = data.datasets["train"]
+        batch = data.on_after_batch_transfer(next(iter(DataLoader(train, batch_size=len(train)))))
+        with torch.no_grad():
+            expected = model.backbone.eval()(batch[0].contiguous(memory_format=torch.channels_last))
+        assert model._features is not None and torch.allclose(model._features, expected, atol=1e-5)
 
 
 def test_feature_cache_refuses_changing_features(
