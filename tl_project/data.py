@@ -15,6 +15,10 @@ Two sources:
 The class list is known right after `__init__` (the CLI links it into the model).
 Images of any mode become RGB, EXIF orientation applied; files without an image
 extension are ignored.
+
+Batches leave the loader as uint8 images; `on_after_batch_transfer` makes the
+normalised floats on the device (and, for the in-memory datasets, the crops too:
+see `tl_project.transforms`). Code that iterates a loader itself calls it as well.
 """
 
 from __future__ import annotations
