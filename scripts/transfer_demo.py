@@ -1,13 +1,12 @@
 """Transfer learning on real images, offline: does a transferred backbone beat training from scratch?
 
-1. Pretrain a backbone from random initialisation on the five upper-body garment
-   classes (T-shirt/top, Pullover, Dress, Coat, Shirt), the hardest distinctions in
-   Fashion-MNIST (splits with easy source classes gave features that did not
-   transfer: docs/benchmarks.md).
-2. Fine-tune on the other five (Trouser, Sandal, Sneaker, Bag, Ankle boot) with only
-   `--shots` labelled images per class, once from scratch and once from the pretrained
-   checkpoint (`--model.weights pretrain.ckpt`: its backbone, a new head), with the
-   same recipe, for each of `--seeds`.
+1. Pretrain a backbone from random initialisation on seven classes (T-shirt/top,
+   Trouser, Pullover, Dress, Sandal, Bag, Ankle boot). Seven, not five: features
+   learned from five classes did not transfer (docs/benchmarks.md).
+2. Fine-tune on the other three (Coat, Shirt, Sneaker) with only `--shots` labelled
+   images per class, once from scratch and once from the pretrained checkpoint
+   (`--model.weights pretrain.ckpt`: its backbone, a new head), with the same recipe,
+   for each of `--seeds`.
 3. Test both on held-out images of the five target classes and print the accuracies.
 
     python scripts/transfer_demo.py --root /usr/share/datasets/fashion-mnist
@@ -31,8 +30,9 @@ from PIL import Image
 from tl_project import main
 from tl_project.data import NAMED_DATASETS, read_named
 
-# Source: the garments worn on the upper body; target: everything else.
-SOURCE, TARGET = (0, 2, 3, 4, 6), (1, 5, 7, 8, 9)
+# Each target class has relatives among the sources: Coat and Shirt (Pullover, T-shirt/top,
+# Dress), Sneaker (Sandal, Ankle boot).
+SOURCE, TARGET = (0, 1, 2, 3, 5, 8, 9), (4, 6, 7)
 
 
 def write_folder(images, labels, classes, per_class: int, folder: Path, offset: int = 0) -> None:  # type: ignore[no-untyped-def]
@@ -78,6 +78,8 @@ def main_demo() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="folder with the IDX files")
     parser.add_argument("--out", type=Path, default=Path("demo"), help="where images and runs go")
+    parser.add_argument("--source", type=int, nargs="+", default=list(SOURCE), help="pretraining class labels")
+    parser.add_argument("--target", type=int, nargs="+", default=list(TARGET), help="fine-tuning class labels")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--source_per_class", type=int, default=1200, help="pretraining images per class")
@@ -94,9 +96,9 @@ def main_demo() -> None:
     images, labels = read_named("FashionMNIST", Path(args.root), train=True)
     test_images, test_labels = read_named("FashionMNIST", Path(args.root), train=False)
     source, target = args.out / "source", args.out / "target"
-    write_folder(images, labels, SOURCE, args.source_per_class, source)
-    write_folder(images, labels, TARGET, args.shots, target / "train")
-    write_folder(test_images, test_labels, TARGET, args.test_per_class, target / "test")
+    write_folder(images, labels, args.source, args.source_per_class, source)
+    write_folder(images, labels, args.target, args.shots, target / "train")
+    write_folder(test_images, test_labels, args.target, args.test_per_class, target / "test")
 
     pretrain = argparse.Namespace(**{**vars(args), "epochs": args.pretrain_epochs, "lr": 0.05, "batch_size": 64})
     source_result = fit_and_test("pretrain", source, "null", pretrain)
