@@ -512,8 +512,6 @@ class ImageDataModule(L.LightningDataModule):
                 )
 
     def _build_labelled(self) -> None:
-        eval_tf = eval_transform(self.image_size)
-        train_tf = train_transform(self.image_size, self.min_crop_scale) if self.augment else eval_tf
         if self.dataset is not None:
             images, labels = read_named(self.dataset, self.named_root, train=True)
             rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
@@ -527,6 +525,8 @@ class ImageDataModule(L.LightningDataModule):
             }
             return
         samples = self._usable(self.folder_splits(), self.class_names)
+        eval_tf = eval_transform(self.image_size)
+        train_tf = train_transform(self.image_size, self.min_crop_scale) if self.augment else eval_tf
         self.datasets = {
             split: FolderDataset(samples[split], train_tf if split == "train" else eval_tf, self.seed)
             for split in SPLITS
