@@ -112,7 +112,6 @@ class PredictionWriter(BasePredictionWriter):
             paths = trainer.datamodule.predict_paths  # type: ignore[attr-defined]
             self.path = Path(run_dir) / self.FILENAME
             write_predictions(self.path, rows, paths, pl_module.class_names)  # type: ignore[arg-type]
-            print(f"Predictions for {len(rows)} images written to {self.path}")
         # Every rank leaves together: none tears down the process group while rank 0 still writes.
         trainer.strategy.barrier("predictions written")
 
@@ -120,7 +119,7 @@ class PredictionWriter(BasePredictionWriter):
 def write_predictions(
     path: Path, rows: dict[int, tuple[list[int], list[float]]], paths: list[Path], names: list[str]
 ) -> None:
-    """predictions.csv: per image (by index) its path, prediction, probability, then the top-k."""
+    """predictions.csv: per image (by index) its path, prediction, probability, then the top-k; says where."""
     k = len(next(iter(rows.values()))[0]) if rows else 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -135,6 +134,7 @@ def write_predictions(
             for c, p in zip(classes, probabilities, strict=True):
                 line += [names[c], f"{p:.6f}"]
             writer.writerow(line)
+    print(f"Predictions for {len(rows)} images written to {path}")
 
 
 class FitSummary(Callback):

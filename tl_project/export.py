@@ -156,7 +156,6 @@ def predict_onnx(
             rows[index] = (classes, probabilities)
     path = Path(CSVLogger(save_dir=default_root_dir, name="").log_dir) / "predictions.csv"
     write_predictions(path, rows, data.predict_paths, model.classes)
-    print(f"Predictions for {len(rows)} images written to {path}")
     return path
 
 

@@ -24,7 +24,6 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -83,13 +82,6 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
     plt.close(fig)
 
 
-def _to_picture(image: Any) -> np.ndarray:
-    """A PIL image or a uint8 CHW tensor as an HxWx3 array for imshow."""
-    if isinstance(image, torch.Tensor):
-        return image.permute(1, 2, 0).numpy()
-    return np.asarray(image)
-
-
 def plot_misclassified(
     wrong: Sequence[tuple[float, int, int, int]], dataset: Any, class_names: Sequence[str], path: Path
 ) -> None:
@@ -101,7 +93,7 @@ def plot_misclassified(
         ax.axis("off")
     for ax, (confidence, index, target, predicted) in zip(axes.flat, wrong, strict=False):
         image, _ = dataset.load(index)
-        ax.imshow(_to_picture(image))
+        ax.imshow(image.permute(1, 2, 0).numpy())  # datasets load uint8 CHW tensors
         ax.set_title(f"true: {class_names[target]}\npredicted: {class_names[predicted]} ({confidence:.2f})", fontsize=9)
     if not wrong:
         axes.flat[0].text(0.5, 0.5, "No misclassified test images", ha="center", va="center")
