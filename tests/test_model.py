@@ -96,32 +96,32 @@ def test_class_names_must_match_num_classes() -> None:
 
 
 def test_precision_follows_the_hardware(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from tl_project import cli
+    from tl_project import runtime
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
-    assert cli.cpu_has_native_bf16(cpuinfo)
+    assert runtime.cpu_has_native_bf16(cpuinfo)
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2\n")
-    assert not cli.cpu_has_native_bf16(cpuinfo)
+    assert not runtime.cpu_has_native_bf16(cpuinfo)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: True)
-    assert cli.fast_precision("auto")[0] == "bf16-mixed"
-    monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: False)
-    assert cli.fast_precision("auto")[0] == "32-true"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.fast_precision("auto")[0] == "bf16-mixed"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.fast_precision("auto")[0] == "32-true"
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))  # H100
-    assert cli.fast_precision("auto")[0] == "bf16-mixed"
-    assert cli.fast_precision("cpu")[0] == "32-true"  # asked for the CPU: the CPU decides
+    assert runtime.fast_precision("auto")[0] == "bf16-mixed"
+    assert runtime.fast_precision("cpu")[0] == "32-true"  # asked for the CPU: the CPU decides
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (7, 0))  # V100
-    assert cli.fast_precision("gpu")[0] == "16-mixed"
+    assert runtime.fast_precision("gpu")[0] == "16-mixed"
 
 
 def test_explicit_precision_wins_and_default_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tl_project import cli
+    from tl_project import cli, runtime
 
-    monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     args = ["--model.backbone", "resnet18", "--model.weights", "null", "--data.dataset", "CIFAR10"]
     assert str(cli.TransferLearningCLI(args=args, run=False).trainer.precision) == "bf16-mixed"
     chosen = cli.TransferLearningCLI(args=[*args, "--trainer.precision", "32-true"], run=False)

@@ -11,7 +11,7 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
   checkpoint's hyper-parameters, so no config is needed; explicit flags still win;
 - `--ckpt_path last|best` finds the newest run's file; every checkpoint is checked
   (`checkpoints.py`) before Lightning reads it;
-- `fit` checks that the output folder is writable and has room before training;
+- `fit` checks that the output folder is writable and has room before training (`runtime.py`);
   SIGTERM saves `last.ckpt` and exits with 143;
 - `check`: the data check of `checks.py` on its own, with the report;
 - `export` and `predict` with an `.onnx` file: see `export.py`.
@@ -20,16 +20,13 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 from __future__ import annotations
 
 import inspect
-import shutil
 import signal
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, Trainer
@@ -45,6 +42,7 @@ from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_che
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError, user_message
 from tl_project.model import TransferLearningModel
+from tl_project.runtime import check_output_dir, fast_precision
 
 CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parent.parent / "configs")
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
@@ -90,48 +88,6 @@ def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
         skip = {"self", "num_classes", "class_names"} if cls is TransferLearningModel else {"self"}
         defaults |= {f"{prefix}.{k}": v for k, v in values.items() if k in params and k not in skip}
     return defaults
-
-
-def check_output_dir(root: Path, model: torch.nn.Module) -> None:
-    """Fail before training when `root` cannot hold this run's checkpoints."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root) as probe:
-            probe.write(b"probe")
-    except OSError as error:
-        raise UserError(
-            f"Cannot write to the output folder {root}: {error.strerror or error}. "
-            "Pass --trainer.default_root_dir with a writable folder."
-        ) from None
-    # A checkpoint holds the weights and about as much optimizer state; fit keeps best and last.
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    needed, free = 2 * 3 * weights, shutil.disk_usage(root).free
-    if free < needed:
-        raise UserError(
-            f"Only {free / 2**20:.0f} MiB free in {root}; this run's checkpoints need about "
-            f"{needed / 2**20:.0f} MiB. Free some space or pass --trainer.default_root_dir elsewhere."
-        )
-
-
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether the CPU computes bf16 natively (AMX or AVX-512 BF16), as Linux reports it."""
-    try:
-        flags = set(cpuinfo.read_text().split())
-    except OSError:
-        return False
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
-
-
-def fast_precision(accelerator: Any) -> tuple[str, str]:
-    """The fastest precision this machine runs natively for `accelerator`, and why."""
-    on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if on_gpu:
-        if torch.cuda.get_device_capability()[0] >= 8:
-            return "bf16-mixed", "a CUDA GPU with compute capability 8.0 or newer"
-        return "16-mixed", "a CUDA GPU older than compute capability 8.0"
-    if cpu_has_native_bf16():
-        return "bf16-mixed", "a CPU with native bf16 (AMX or AVX-512 BF16)"
-    return "32-true", "no native bf16 on this CPU"
 
 
 class TransferLearningCLI(LightningCLI):
