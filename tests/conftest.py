@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny generated image folders, an isolated torch cache, offline guards.
+"""Shared fixtures: tiny generated image folders, an isolated torch cache, offline guards,
+one precision on every machine.
 
 Every test runs offline: torch's downloader is replaced by one that fails the way an
 offline machine does, and `TORCH_HOME` points at an empty per-test cache.
+
+Every command a test runs, in-process or in a subprocess, runs in fp32 unless it
+passes --trainer.precision: the default precision follows the CPU (`runtime.py`), and
+a test's result must not. Tests of the precision choice remove that setting
+(`auto_precision`) and simulate each kind of machine.
 """
 
 from __future__ import annotations
@@ -50,6 +56,26 @@ def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return torch_home
+
+
+# Options from the environment rank below config files and flags (LightningCLI's default_env).
+PRECISION_VARIABLES = [
+    f"TL_PROJECT_{command}TRAINER__PRECISION" for command in ("", "FIT__", "VALIDATE__", "TEST__", "PREDICT__")
+]
+
+
+@pytest.fixture(autouse=True)
+def fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command runs in fp32 unless it passes --trainer.precision, whatever the CPU."""
+    for name in PRECISION_VARIABLES:
+        monkeypatch.setenv(name, "32-true")
+
+
+@pytest.fixture
+def auto_precision(fp32: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands choose their precision from the (simulated) machine, as for a user."""
+    for name in PRECISION_VARIABLES:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

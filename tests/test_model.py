@@ -63,6 +63,19 @@ def test_full_finetune_updates_batchnorm_statistics() -> None:
     assert not torch.equal(model.backbone.bn1.running_mean, before)
 
 
+def test_freeze_batchnorm_trains_the_backbone_with_fixed_statistics() -> None:
+    model = _model(freeze_batchnorm=True)
+    statistics = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_" in k}
+    conv1, bn1_scale = model.backbone.conv1.weight.clone(), model.backbone.bn1.weight.clone()
+    _train_step(model)
+    assert model.backbone.training and not model.backbone.bn1.training
+    for key, value in statistics.items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+    assert not torch.equal(model.backbone.conv1.weight, conv1)  # the weights train
+    assert not torch.equal(model.backbone.bn1.weight, bn1_scale)  # BatchNorm's scale too
+    assert not model.batchnorm_trains and _model().batchnorm_trains
+
+
 def test_injected_optimizer_and_scheduler() -> None:
     model = _model(
         optimizer=functools.partial(torch.optim.AdamW, lr=0.01),
@@ -93,39 +106,6 @@ def test_class_names_must_match_num_classes() -> None:
 
 
 # --- fast defaults ---
-
-
-def test_precision_follows_the_hardware(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from tl_project import runtime
-
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
-    assert runtime.cpu_has_native_bf16(cpuinfo)
-    cpuinfo.write_text("flags\t\t: fpu sse2 avx2\n")
-    assert not runtime.cpu_has_native_bf16(cpuinfo)
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert runtime.fast_precision("auto")[0] == "bf16-mixed"
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert runtime.fast_precision("auto")[0] == "32-true"
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))  # H100
-    assert runtime.fast_precision("auto")[0] == "bf16-mixed"
-    assert runtime.fast_precision("cpu")[0] == "32-true"  # asked for the CPU: the CPU decides
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (7, 0))  # V100
-    assert runtime.fast_precision("gpu")[0] == "16-mixed"
-
-
-def test_explicit_precision_wins_and_default_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tl_project import cli, runtime
-
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    args = ["--model.backbone", "resnet18", "--model.weights", "null", "--data.dataset", "CIFAR10"]
-    assert str(cli.TransferLearningCLI(args=args, run=False).trainer.precision) == "bf16-mixed"
-    chosen = cli.TransferLearningCLI(args=[*args, "--trainer.precision", "32-true"], run=False)
-    assert str(chosen.trainer.precision) == "32-true"
 
 
 def test_channels_last_is_applied_to_weights_and_inputs() -> None:

@@ -180,8 +180,9 @@ def test_ckpt_path_last_finds_the_newest_run(
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
-    root = make_image_folder(tmp_path / "images", COLORS, per_class=30)
-    args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "50", "--data.batch_size", "2")
+    # 288 training images in 36 batches of 8: a run that trains (at batch 2 BatchNorm blows up).
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=120)
+    args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "50", "--data.batch_size", "8")
     process = subprocess.Popen(
         cli(*args),
         cwd=tmp_path,

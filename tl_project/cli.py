@@ -42,7 +42,7 @@ from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_che
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError, user_message
 from tl_project.model import TransferLearningModel
-from tl_project.runtime import check_output_dir, fast_precision
+from tl_project.runtime import check_output_dir, choose_precision
 
 CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parent.parent / "configs")
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
@@ -146,10 +146,21 @@ class TransferLearningCLI(LightningCLI):
     def before_fit(self) -> None:
         check_output_dir(Path(self.trainer.default_root_dir), self.model)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with the precision chosen for this run when none was given (`runtime.py`)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        if trainer.get("precision") is None and "precision" not in kwargs:  # an explicit one always wins
+            kwargs["precision"], why = choose_precision(
+                trainer.get("accelerator", "auto"),
+                training=self.subcommand in (None, "fit"),
+                batch_size=self.datamodule.batch_size,
+                batchnorm_trains=self.model.batchnorm_trains,
+            )
+            rank_zero_info(f"Precision {kwargs['precision']}: {why} (set --trainer.precision to choose)")
+        return super().instantiate_trainer(**kwargs)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        if config.get("precision") is None:  # an explicit --trainer.precision always wins
-            config["precision"], why = fast_precision(config.get("accelerator", "auto"))
-            rank_zero_info(f"Precision {config['precision']}: {why} (set --trainer.precision to choose)")
         if config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
             config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")

@@ -7,7 +7,9 @@ BatchNorm layers in eval mode so their running statistics do not drift, and give
 only the head to the optimizer; `finetune="gradual"` trains the head alone for
 `unfreeze_at_epoch` epochs, then the backbone too, at `backbone_lr_factor` times the
 head's learning rate. The phase follows from the epoch number alone, so a resumed
-run is in the right phase whatever epoch it resumes at.
+run is in the right phase whatever epoch it resumes at. `freeze_batchnorm` keeps
+every BatchNorm layer of a training backbone in eval mode (its running statistics
+fixed, its scale and shift still trained), for batches too small for batch statistics.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
@@ -34,11 +37,13 @@ from torchmetrics.classification import (
 from tl_project.backbones import build_backbone
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
+from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, small_batch_advice
 
 # (images, targets, dataset indices), as ImageDataModule's loaders give them.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # How many of the most confidently wrong test images the report keeps.
 MOST_WRONG = 16
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def gather_objects(value: Any) -> list[Any]:
@@ -78,6 +83,7 @@ class TransferLearningModel(L.LightningModule):
         unfreeze_at_epoch: int = 1,
         backbone_lr_factor: float = 0.1,
         label_smoothing: float = 0.0,
+        freeze_batchnorm: bool = False,
         channels_last: bool = True,
         cache_features: bool = False,
         compile: bool = False,
@@ -94,6 +100,7 @@ class TransferLearningModel(L.LightningModule):
             unfreeze_at_epoch: With finetune gradual: the epoch (from 0) at which the backbone starts training.
             backbone_lr_factor: With finetune gradual: the backbone's learning rate relative to the head's.
             label_smoothing: Label smoothing of the cross-entropy loss, 0 for none.
+            freeze_batchnorm: Keep the backbone's BatchNorm statistics fixed (eval mode) while it trains; for batches under 16 images per device.
             channels_last: Run convolutions in channels-last memory format (faster on most CPUs and GPUs).
             cache_features: With finetune head and data.augment false: compute the frozen backbone's features once, before the first epoch, and train the head on them.
             compile: Compile the backbone with torch.compile (minutes of compiling first; see README, Performance).
@@ -166,11 +173,22 @@ class TransferLearningModel(L.LightningModule):
             return epoch < self.hparams["unfreeze_at_epoch"]
         return self.finetune == "head"
 
+    @property
+    def batchnorm_trains(self) -> bool:
+        """Whether BatchNorm layers normalise by batch statistics in training (at some epoch of the fit)."""
+        if self.finetune == "head" or self.hparams.get("freeze_batchnorm"):
+            return False
+        return any(isinstance(m, BATCHNORMS) for m in self.backbone.modules())
+
     def train(self, mode: bool = True) -> TransferLearningModel:
-        """Set train/eval mode; a frozen backbone always stays in eval mode (BatchNorm statistics fixed)."""
+        """Set train/eval mode; a frozen backbone, or frozen BatchNorm, always stays in eval mode."""
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
+        elif self.hparams.get("freeze_batchnorm"):
+            for module in self.backbone.modules():
+                if isinstance(module, BATCHNORMS):
+                    module.eval()
         return self
 
     def on_train_epoch_start(self) -> None:
@@ -245,24 +263,42 @@ class TransferLearningModel(L.LightningModule):
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 0 and batch_idx == 0 and self._small_for_batchnorm(len(batch[1])):
+            rank_zero_warn(small_batch_advice(len(batch[1])))
         loss = self._shared_step(batch, "train")
         # The live loss of the step, for the progress bar only.
         self.log("loss", loss, prog_bar=True, logger=False)
-        self._stop_unless_finite(loss)
+        self._stop_unless_finite(loss, len(batch[1]))
         return loss
 
-    def _stop_unless_finite(self, loss: torch.Tensor) -> None:
+    def _small_for_batchnorm(self, batch_size: int) -> bool:
+        return batch_size < MIN_BATCHNORM_BATCH and self.batchnorm_trains
+
+    def _stop_unless_finite(self, loss: torch.Tensor, batch_size: int) -> None:
         """Stop the run on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
         diverged = not bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # every rank stops together, none waits for the others
             diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
-        if diverged:
-            raise UserError(
-                f"The training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
-                "training diverged and stopped; no checkpoint of it was written. Lower the learning rate "
-                "(--model.optimizer.init_args.lr), clip gradients (--trainer.gradient_clip_val 1.0), "
-                "or check the data."
+        if not diverged:
+            return
+        # The likely causes first: reduced precision, then batches too small for BatchNorm.
+        advice = []
+        precision = str(self.trainer.precision)
+        if precision in LOW_PRECISIONS:
+            advice.append(
+                f"It ran in {precision}: --trainer.precision 32-true shows whether the reduced precision is the cause."
             )
+        if self._small_for_batchnorm(batch_size):
+            advice.append(small_batch_advice(batch_size))
+        advice.append(
+            "Otherwise lower the learning rate (--model.optimizer.init_args.lr), clip gradients "
+            "(--trainer.gradient_clip_val 1.0), or check the data."
+        )
+        raise UserError(
+            f"The training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+            f"(precision {precision}, batches of {batch_size} images per device): training diverged and stopped; "
+            "no checkpoint of it was written.\n" + "\n".join(advice)
+        )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")
