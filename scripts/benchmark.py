@@ -45,7 +45,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as v1
 
 from tl_project.callbacks import FitSummary
-from tl_project.data import FolderDataset, ImageDataModule, TensorImageDataset, list_images
+from tl_project.data import ImageDataModule
+from tl_project.data.datasets import FolderDataset, TensorImageDataset
+from tl_project.data.images import list_images
 from tl_project.model import TransferLearningModel
 from tl_project.runtime import cpu_has_native_bf16, fast_precision
 from tl_project.transforms import IMAGENET_MEAN, IMAGENET_STD, CropSampler, train_transform

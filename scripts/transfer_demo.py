@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from tl_project import main
-from tl_project.data import NAMED_DATASETS, read_named
+from tl_project.data.named import NAMED_DATASETS, read_named
 
 # Each target class has relatives among the sources: Coat and Shirt (Pullover, T-shirt/top,
 # Dress), Sneaker (Sandal, Ankle boot).

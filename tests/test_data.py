@@ -14,7 +14,9 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
 from tests.conftest import COLORS, make_image_folder
-from tl_project.data import ImageDataModule, load_image, stratified_split, to_rgb
+from tl_project.data import ImageDataModule
+from tl_project.data.images import load_image, to_rgb
+from tl_project.data.splits import stratified_split
 from tl_project.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from tl_project.data import ImageDataModule, TensorImageDataset
+from tl_project.data import ImageDataModule
+from tl_project.data.datasets import TensorImageDataset
 from tl_project.transforms import CropSampler, eval_transform, normalize, resized_crops, train_transform
 
 ONE_LEVEL = 1 / 255 / min((0.229, 0.224, 0.225))  # one uint8 step, normalised

@@ -1,0 +1,126 @@
+"""Datasets of labelled or unlabelled images (files or in-memory tensors) and the
+sampler whose `(epoch, index)` items make augmentation reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from tl_project.data.images import load_image
+from tl_project.transforms import CropSampler
+
+
+class ImageDataset(Dataset):
+    """Base of the datasets: `load(index)` gives (image, target), then `transform` applies;
+    items are (image, target, index).
+
+    An item is an index, or `(epoch, index)` from `EpochSampler`: then the random
+    augmentation is drawn from `(seed, epoch, index)` alone, whatever the process,
+    worker or RNG state, so a resumed run augments exactly as an uninterrupted one.
+    """
+
+    def __init__(self, transform: Callable, seed: int = 0) -> None:
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, ...]:
+        """(transformed image, target, index); the index finds the file again (reports, predictions)."""
+        if not isinstance(item, tuple):
+            return self.item(item)
+        epoch, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.item(index)
+
+    def item(self, index: int) -> tuple[Any, ...]:
+        image, target = self.load(index)
+        return self.transform(image), target, index
+
+    def describe(self, index: int) -> str:
+        """Where item `index` comes from, for people."""
+        return f"#{index}"
+
+
+class FolderDataset(ImageDataset):
+    """(image, label) pairs from image files; labels are class indices."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable, seed: int = 0) -> None:
+        super().__init__(transform, seed)
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return load_image(path), label
+
+    def describe(self, index: int) -> str:
+        return str(self.samples[index][0])
+
+
+class PredictDataset(ImageDataset):
+    """Unlabelled images (target -1); the index finds the path again."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
+        super().__init__(transform)
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return load_image(self.paths[index]), -1
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+class TensorImageDataset(ImageDataset):
+    """(image, label) pairs from in-memory uint8 images, N x H x W (gray) or N x H x W x C.
+
+    Items are (uint8 image, target, index, crop params): `transform` is a `CropSampler`,
+    and `ImageDataModule.on_after_batch_transfer` crops, resizes and normalises the
+    batch on the device.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: CropSampler, seed: int = 0) -> None:
+        super().__init__(transform, seed)
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        image = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
+        return image, int(self.labels[index])
+
+    def item(self, index: int) -> tuple[Any, ...]:
+        image, target = self.load(index)
+        image, params = self.transform(image)
+        return image.contiguous(), target, index, params
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffles by `(seed, epoch)` and yields `(epoch, index)`: see `ImageDataset`.
+
+    A `DistributedSampler` (one replica when not distributed), so Lightning keeps it
+    under DDP and calls `set_epoch` on it every epoch.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
