@@ -35,11 +35,31 @@ def load_trusted(file: Path, what: str) -> Any:
                 raise
             return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(
-            f"Cannot read {what} {file} as plain tensors and values (weights_only=True): "
-            f"{str(error).splitlines()[0]}. Only load files from a source you trust, saved with "
+        raise unreadable(file, what, error) from None
+
+
+def unreadable(file: Path, what: str, error: Exception) -> UserError:
+    """Why `file` could not be read, in the user's terms: not a torch file, damaged, or holding code."""
+    with open(file, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (or, in its old format, a pickle: protocol byte 0x80).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return UserError(
+            f"{file} is not a {what}: it was not written by torch.save (it starts with {head!r}). "
+            "Pass a file saved by tl_project or with torch.save(state_dict)."
+        )
+    text = str(error)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        return UserError(
+            f"Cannot read {what} {file} as plain tensors and values (weights_only=True): it holds other "
+            "objects, which were refused unread. Only load files from a source you trust, saved with "
             "torch.save(state_dict) or by tl_project."
-        ) from None
+        )
+    first = text.split(". ")[0].rstrip(".")
+    return UserError(
+        f"The {what} {file} is truncated or corrupt ({first}). "
+        "Copy it again, or pass another file (an earlier epoch's checkpoint, last.ckpt)."
+    )
 
 
 def check_hyperparameters(hparams: dict[str, Any], source: str) -> None:
