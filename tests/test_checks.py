@@ -117,7 +117,7 @@ def test_bad_images_to_predict(tmp_path: Path) -> None:
 
 def test_check_command_reports_and_fails_on_problems(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     root = _messy_folder(tmp_path / "images")
-    assert exit_code(["check", "--data.dataset", "null", "--data.root", str(root)]) == 1
+    assert exit_code(["check", "--data.root", str(root)]) == 1  # check inspects folders: no --data.dataset null
     out = capfd.readouterr().out
     assert "Unusable images (3)" in out and "extension" in out and "class" in out and "fish" in out
 

@@ -8,6 +8,7 @@ otherwise, so that they finish in seconds on a CPU.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 import subprocess
@@ -289,6 +290,57 @@ def test_unknown_config_lists_the_available_ones(capfd: pytest.CaptureFixture[st
 
 
 # --- the process: exit codes and messages ---
+
+
+def test_help_lists_every_command_under_its_real_name(capfd: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(["--help"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("usage: python -m tl_project COMMAND")
+    for command in ("fit", "validate", "test", "predict", "check", "export"):
+        assert re.search(rf"^  {command} +\S", out, re.M), command
+    assert exit_code(["fit", "--help"]) == 0
+    assert "usage: python -m tl_project" in capfd.readouterr().out
+    assert exit_code(["fti"]) == 2
+    assert "Unknown command 'fti'" in capfd.readouterr().err
+
+
+def test_predict_with_an_undecodable_image_says_nothing_was_predicted(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    photos = make_image_folder(tmp_path / "photos", {"a": (220, 60, 60)}, 2)
+    (photos / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    predict = ["predict", "--ckpt_path", str(trained["best"]), "--data.predict_dir", str(photos)]
+    assert exit_code([*predict, "--trainer.default_root_dir", str(tmp_path / "runs"), *QUIET]) == 2
+    assert "1 unusable images; nothing was predicted" in capfd.readouterr().err
+
+
+def test_lightning_notices_that_ask_nothing_are_silent(
+    trained: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        main(["validate", "--ckpt_path", str(trained["best"]), *QUIET])
+    assert "Tip:" not in caplog.text and "Seed set to" not in caplog.text
+    assert "Precision 32-true" not in caplog.text  # given by the tests' environment, so not chosen
+
+
+def test_private_lightning_members_in_use_still_exist() -> None:
+    """Lightning 2.6 offers no public way for these; an upgrade that changes them must fail here, loudly."""
+    import inspect as inspect_module
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # cli.py: the checkpoint's settings become parser defaults, so flags win over them.
+    assert hasattr(LightningCLI, "_parse_ckpt_path")
+    assert "self._subcommand_parsers[subcommand] = " in inspect_module.getsource(LightningCLI._add_subcommands)
+    # callbacks.Checkpoint: a current last.ckpt after every validation and on SIGTERM.
+    for name in ("_should_save_on_train_epoch_end", "_save_last_checkpoint", "_monitor_candidates"):
+        assert callable(getattr(ModelCheckpoint, name, None)), name
+    assert callable(getattr(ModelCheckpoint, "_should_skip_saving_checkpoint", None))
+    assert ModelCheckpoint()._last_global_step_saved == 0
+    # model.py: whether DDP was told about unused parameters (finetune gradual).
+    assert DDPStrategy(find_unused_parameters=True)._ddp_kwargs == {"find_unused_parameters": True}
 
 
 def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:

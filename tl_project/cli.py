@@ -20,16 +20,17 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 from __future__ import annotations
 
 import inspect
+import logging
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonargparse import ArgumentParser
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -101,7 +102,6 @@ class TransferLearningCLI(LightningCLI):
             args=args,
             auto_configure_optimizers=False,
             seed_everything_default=kwargs.pop("seed_everything_default", 42),
-            # Every option also from the environment: TL_PROJECT_FIT__TRAINER__MAX_EPOCHS=1 etc.
             parser_kwargs=kwargs.pop("parser_kwargs", {"default_env": True, "env_prefix": "TL_PROJECT"}),
             **kwargs,
         )
@@ -147,40 +147,42 @@ class TransferLearningCLI(LightningCLI):
         check_output_dir(Path(self.trainer.default_root_dir), self.model)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, with the precision chosen for this run when none was given (`runtime.py`)."""
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        trainer = config.get("trainer") or {}
-        if trainer.get("precision") is None and "precision" not in kwargs:  # an explicit one always wins
+        """The Trainer, with what tl_project adds to the config's: the precision chosen for this
+        run when none was given (`runtime.py`), a new runs/version_N/ folder, atomic checkpoint
+        writes, and the callbacks of this command."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer") or {}
+        if config.get("precision") is None and "precision" not in kwargs:  # an explicit one always wins
             kwargs["precision"], why = choose_precision(
-                trainer.get("accelerator", "auto"),
+                config.get("accelerator", "auto"),
                 training=self.subcommand in (None, "fit"),
                 batch_size=self.datamodule.batch_size,
                 batchnorm_trains=self.model.batchnorm_trains,
             )
             rank_zero_info(f"Precision {kwargs['precision']}: {why} (set --trainer.precision to choose)")
-        return super().instantiate_trainer(**kwargs)
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         if config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
-            config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
-        plugins = config.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
+            kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
+        plugins = as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        if self.subcommand == "fit":
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        callbacks = as_list(config.get("callbacks"))
+        if self.subcommand in (None, "fit"):
             callbacks.append(FitSummary())
-            if config["logger"]:
+            if kwargs.get("logger", config.get("logger")):
                 callbacks.append(LearningRateMonitor())
-        else:
-            # Nothing trains, so nothing to checkpoint.
-            callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
-            config["enable_checkpointing"] = False
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter())
         if self.subcommand == "test":
             callbacks.append(TestReport())
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
+        if self.subcommand not in (None, "fit"):  # nothing trains, so nothing to checkpoint
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]  # type: ignore[attr-defined]
+        return trainer
+
+
+def as_list(value: Any) -> list[Any]:
+    """A config value that may be None, one item or a list, as a list."""
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def option_value(args: Sequence[str], option: str) -> str | None:
@@ -193,26 +195,72 @@ def option_value(args: Sequence[str], option: str) -> str | None:
     return None
 
 
-def check(args: Sequence[str]) -> int:
-    """`python -m tl_project check`: decode every image of an image folder once and report."""
-    parser = ArgumentParser(
-        prog="python -m tl_project check",
-        description="Decode every image of an image folder once; report unusable images, "
-        "wrong extensions, duplicates, train/val/test leakage and class counts.",
-    )
+# --- the commands ----------------------------------------------------------------
+
+PROG = "python -m tl_project"
+
+
+def run_lightning(command: str, args: list[str], from_sys_argv: bool) -> None:
+    """fit / validate / test / predict: LightningCLI with tl_project's model and data."""
+    if command == "predict" and str(option_value(args, "--ckpt_path")).endswith(".onnx"):
+        from tl_project.export import main_predict_onnx
+
+        return main_predict_onnx(args)
+    parser_kwargs: dict[str, Any] = {"prog": PROG, command: {"description": COMMANDS[command][0]}}
+    # Every option also from the environment: TL_PROJECT_FIT__TRAINER__MAX_EPOCHS=1 etc.
+    parser_kwargs |= {"default_env": True, "env_prefix": "TL_PROJECT"}
+    if from_sys_argv:
+        sys.argv[1:] = [command, *args]  # resolved in place: DDP re-launches this process with sys.argv
+        TransferLearningCLI(parser_kwargs=parser_kwargs)
+    else:
+        TransferLearningCLI(args=[command, *args], parser_kwargs=parser_kwargs)
+
+
+def run_check(command: str, args: list[str], from_sys_argv: bool) -> None:
+    """`check`: decode every image of an image folder once and report; exit 1 on problems."""
+    parser = ArgumentParser(prog=f"{PROG} check", description=COMMANDS["check"][0])
     parser.add_argument("--config", help="A tl_project config; its data section is used.")
     parser.add_class_arguments(ImageDataModule, "data")
-    config = parser.parse_args(list(args))
+    parser.set_defaults({"data.dataset": None})  # check inspects image folders: --data.root is one
+    config = parser.parse_args(args)
     if config.config:
         section = yaml.safe_load(Path(config.config).read_text()).get("data") or {}
         parser.set_defaults({f"data.{key}": value for key, value in section.items()})
-        config = parser.parse_args(list(args))
+        config = parser.parse_args(args)
     data = parser.instantiate_classes(config).data
     if data.dataset is not None:
         raise UserError(f"check inspects image folders; pass --data.dataset null --data.root DIR (not {data.dataset}).")
     report = data.check(data.folder_splits(), data.class_names)
     print(report.format(data.class_names))
-    return 1 if report.problems else 0
+    raise SystemExit(1 if report.problems else 0)
+
+
+def run_export(command: str, args: list[str], from_sys_argv: bool) -> None:
+    from tl_project.export import main_export
+
+    main_export(args)
+
+
+Runner = Callable[[str, list[str], bool], None]
+# Every command: its one-line description (shown by --help) and what runs it.
+COMMANDS: dict[str, tuple[str, Runner]] = {
+    "fit": ("Fine-tune the model on the data; checkpoints and logs go to runs/version_N/.", run_lightning),
+    "validate": ("Evaluate a checkpoint on the validation set.", run_lightning),
+    "test": ("Evaluate a checkpoint on the test set: the accuracy line and the test report.", run_lightning),
+    "predict": ("Classify new images with a checkpoint or an exported .onnx file: predictions.csv.", run_lightning),
+    "check": (
+        "Check an image folder: unusable images, wrong extensions, duplicates, leakage, class counts.",
+        run_check,
+    ),
+    "export": ("Export a checkpoint to ONNX or TorchScript, checked against PyTorch.", run_export),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} COMMAND [options]   ({PROG} COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {description}" for name, (description, _) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 # Lightning warnings that ask nothing of the user of this command line: evaluation
@@ -226,27 +274,39 @@ QUIET_WARNINGS = (
 )
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Run the command line with `args` (default: `sys.argv[1:]`)."""
+class _Notices(logging.Filter):
+    """Drops Lightning's advertisement and its "Seed set to" line; the run's own lines stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("💡 Tip:") or message.startswith("Seed set to"))
+
+
+def quiet_lightning() -> None:
+    """Silence what Lightning says that asks nothing of the user (once per process)."""
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Notices) for f in logger.filters):
+            logger.addFilter(_Notices())
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run the command line with `args` (default: `sys.argv[1:]`)."""
+    quiet_lightning()
     try:
         argv = resolve_config_args(sys.argv[1:] if args is None else args)
-        if argv[:1] == ["check"]:
-            raise SystemExit(check(argv[1:]))
-        if argv[:1] == ["export"]:
-            from tl_project.export import main_export
-
-            return main_export(argv[1:])
-        if argv[:1] == ["predict"] and str(option_value(argv, "--ckpt_path")).endswith(".onnx"):
-            from tl_project.export import main_predict_onnx
-
-            return main_predict_onnx(argv[1:])
-        if args is None:
-            sys.argv[1:] = argv  # resolved in place: DDP re-launches this process with sys.argv
-            TransferLearningCLI()
-        else:
-            TransferLearningCLI(args=argv)
+        if not argv or argv[0] in ("-h", "--help"):
+            print(usage(), file=sys.stdout if argv else sys.stderr)
+            raise SystemExit(0 if argv else 2)
+        command, rest = argv[0], argv[1:]
+        if command.startswith("--print_shtab"):  # shell completion of the Lightning commands (needs shtab)
+            TransferLearningCLI(args=argv, parser_kwargs={"prog": PROG})
+            return
+        if command not in COMMANDS:
+            raise UserError(f"Unknown command {command!r}.\n{usage()}")
+        COMMANDS[command][1](command, rest, args is None)
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -43,6 +43,9 @@ from tl_project.data.splits import SPLITS, stratified_split
 from tl_project.errors import UserError
 from tl_project.transforms import CropSampler, eval_transform, normalize, resized_crops, train_transform
 
+# What a stage did not do when unusable images stop it.
+UNDONE = {"fit": "trained", "validate": "validated", "test": "tested", "predict": "predicted"}
+
 
 def default_num_workers() -> int:
     """Loader workers per process: the usable cores, at most 8."""
@@ -185,11 +188,11 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Build the datasets `stage` needs."""
         if stage == "predict":
-            paths = self._usable({"predict": [(p, 0) for p in self._predict_paths()]}, ["images"])["predict"]
+            paths = self._usable({"predict": [(p, 0) for p in self._predict_paths()]}, ["images"], stage)["predict"]
             self.datasets["predict"] = PredictDataset([p for p, _ in paths], eval_transform(self.image_size))
             return
         if "train" not in self.datasets:
-            self._build_labelled()
+            self._build_labelled(stage)
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         for split in needed:
             if len(self.datasets[split]) == 0:
@@ -198,7 +201,7 @@ class ImageDataModule(L.LightningDataModule):
                     "folders, or add images."
                 )
 
-    def _build_labelled(self) -> None:
+    def _build_labelled(self, stage: str) -> None:
         if self.dataset is not None:
             images, labels = read_named(self.dataset, self.named_root, train=True)
             rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
@@ -211,7 +214,7 @@ class ImageDataModule(L.LightningDataModule):
                 "test": TensorImageDataset(test_images, test_labels, eval_crop),
             }
             return
-        samples = self._usable(self.folder_splits(), self.class_names)
+        samples = self._usable(self.folder_splits(), self.class_names, stage)
         eval_tf = eval_transform(self.image_size)
         train_tf = train_transform(self.image_size, self.min_crop_scale) if self.augment else eval_tf
         self.datasets = {
@@ -238,13 +241,13 @@ class ImageDataModule(L.LightningDataModule):
         return check_images(splits, class_names, self.max_image_pixels, workers=max(1, self.num_workers))
 
     def _usable(
-        self, splits: dict[str, list[tuple[Path, int]]], class_names: list[str]
+        self, splits: dict[str, list[tuple[Path, int]]], class_names: list[str], stage: str
     ) -> dict[str, list[tuple[Path, int]]]:
         """`splits` without unusable images, by `on_bad_image`: stop on any, or skip them and say which."""
         report = self.check(splits, class_names)
         if report.problems and self.on_bad_image == "error":
             raise UserError(
-                f"{len(report.problems)} unusable images; nothing was trained:\n"
+                f"{len(report.problems)} unusable images; nothing was {UNDONE.get(stage, 'run')}:\n"
                 + "\n".join(map(str, report.problems))
                 + "\nRemove or replace them, or pass --data.on_bad_image skip to leave them out."
             )
