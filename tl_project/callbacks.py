@@ -1,5 +1,5 @@
 """Small callbacks: checkpoints (`best.ckpt`, a current `last.ckpt`), the prediction writer,
-the end-of-fit summary and the test report."""
+the end-of-fit summary. (The test report's callback is in report.py.)"""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_project.checkpoints import read_checkpoint
-from tl_project.model import gather_objects
-from tl_project.report import write_report
+from tl_project.runtime import gather_objects
 
 
 class Checkpoint(ModelCheckpoint):
@@ -185,48 +182,3 @@ class FitSummary(Callback):
                 f"({self.images} images in {self.seconds:.1f} s, first batch of each epoch excluded)"
             )
         print(f"Fit took {time.perf_counter() - self._fit_start:.1f} s in all")
-
-
-class TestReport(Callback):
-    """After `test`: writes the report of `report.py` into `<run>/report/` and prints where."""
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
-        if trainer.is_global_zero:
-            self._write(trainer, pl_module, Path(run_dir))
-        trainer.strategy.barrier("test report written")  # every rank leaves together
-
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, run_dir: Path) -> None:
-        datamodule: Any = trainer.datamodule  # type: ignore[attr-defined]
-        context: dict[str, Any] = {
-            "ckpt_path": trainer.ckpt_path,
-            "model": dict(pl_module.hparams),
-            "data": dict(datamodule.hparams),
-        }
-        if trainer.ckpt_path:  # the training run: runs/version_N/checkpoints/X.ckpt
-            # As trained (this run builds the model with weights=None and loads the checkpoint).
-            context["model"] = read_checkpoint(trainer.ckpt_path)["hyper_parameters"]
-            training_run = Path(trainer.ckpt_path).resolve().parents[1]
-            context["training_metrics"] = training_run / "metrics.csv"
-            if (training_run / "config.yaml").is_file():
-                context["training_config"] = training_run / "config.yaml"
-                context["optimizer"] = describe_optimizer(training_run / "config.yaml")
-        logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
-        path = write_report(
-            run_dir / "report",
-            pl_module.test_results,  # type: ignore[arg-type]
-            logged,
-            pl_module.class_names,  # type: ignore[arg-type]
-            datamodule.datasets["test"],
-            context,
-        )
-        print(f"Test report written to {path}")
-
-
-def describe_optimizer(config_yaml: Path) -> str:
-    """`SGD(lr=0.001, momentum=0.9)` from a run's config.yaml."""
-    optimizer = (yaml.safe_load(config_yaml.read_text()).get("model") or {}).get("optimizer") or {}
-    name = str(optimizer.get("class_path", "?")).rsplit(".", 1)[-1]
-    shown = ("lr", "momentum", "weight_decay", "betas", "nesterov")
-    args = optimizer.get("init_args") or {}
-    return f"{name}(" + ", ".join(f"{k}={args[k]}" for k in shown if args.get(k) not in (None, 0, 0.0, False)) + ")"

@@ -38,11 +38,12 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter, TestReport
+from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError, user_message
 from tl_project.model import TransferLearningModel
+from tl_project.report import TestReport
 from tl_project.runtime import check_output_dir, choose_precision
 
 CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parent.parent / "configs")

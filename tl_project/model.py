@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -37,22 +36,13 @@ from torchmetrics.classification import (
 from tl_project.backbones import build_backbone
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
-from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, small_batch_advice
+from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, gather_objects, small_batch_advice
 
 # (images, targets, dataset indices), as ImageDataModule's loaders give them.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # How many of the most confidently wrong test images the report keeps.
 MOST_WRONG = 16
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def gather_objects(value: Any) -> list[Any]:
-    """`value` from every process, in rank order (just `[value]` when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:

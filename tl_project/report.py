@@ -19,7 +19,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import matplotlib
+import yaml
+from lightning.pytorch.callbacks import Callback
 
 matplotlib.use("Agg")  # headless: files only
 
@@ -27,6 +30,8 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.ticker import MaxNLocator
 from torchmetrics.classification import MulticlassConfusionMatrix
+
+from tl_project.checkpoints import read_checkpoint
 
 # Above this many classes, cell values would not fit in the confusion-matrix picture.
 ANNOTATE_UP_TO = 20
@@ -222,3 +227,48 @@ def _model_card(metrics: Mapping[str, Any], context: Mapping[str, Any], has_curv
         "",
     ]
     return "\n".join(lines)
+
+
+class TestReport(Callback):
+    """After `test`: writes the report of `report.py` into `<run>/report/` and prints where."""
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, Path(run_dir))
+        trainer.strategy.barrier("test report written")  # every rank leaves together
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, run_dir: Path) -> None:
+        datamodule: Any = trainer.datamodule  # type: ignore[attr-defined]
+        context: dict[str, Any] = {
+            "ckpt_path": trainer.ckpt_path,
+            "model": dict(pl_module.hparams),
+            "data": dict(datamodule.hparams),
+        }
+        if trainer.ckpt_path:  # the training run: runs/version_N/checkpoints/X.ckpt
+            # As trained (this run builds the model with weights=None and loads the checkpoint).
+            context["model"] = read_checkpoint(trainer.ckpt_path)["hyper_parameters"]
+            training_run = Path(trainer.ckpt_path).resolve().parents[1]
+            context["training_metrics"] = training_run / "metrics.csv"
+            if (training_run / "config.yaml").is_file():
+                context["training_config"] = training_run / "config.yaml"
+                context["optimizer"] = describe_optimizer(training_run / "config.yaml")
+        logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        path = write_report(
+            run_dir / "report",
+            pl_module.test_results,  # type: ignore[arg-type]
+            logged,
+            pl_module.class_names,  # type: ignore[arg-type]
+            datamodule.datasets["test"],
+            context,
+        )
+        print(f"Test report written to {path}")
+
+
+def describe_optimizer(config_yaml: Path) -> str:
+    """`SGD(lr=0.001, momentum=0.9)` from a run's config.yaml."""
+    optimizer = (yaml.safe_load(config_yaml.read_text()).get("model") or {}).get("optimizer") or {}
+    name = str(optimizer.get("class_path", "?")).rsplit(".", 1)[-1]
+    shown = ("lr", "momentum", "weight_decay", "betas", "nesterov")
+    args = optimizer.get("init_args") or {}
+    return f"{name}(" + ", ".join(f"{k}={args[k]}" for k in shown if args.get(k) not in (None, 0, 0.0, False)) + ")"

@@ -1,5 +1,5 @@
-"""Where a run meets the machine: the precision a run uses when none is given, and
-whether the output folder can hold the run.
+"""Where a run meets the machine: the precision a run uses when none is given, whether
+the output folder can hold the run, and gathering values across processes.
 
 The precision (`choose_precision`), when `--trainer.precision` is not given:
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from tl_project.errors import UserError
 
@@ -106,3 +107,12 @@ def small_batch_advice(batch_size: int) -> str:
         f"Use --data.batch_size {MIN_BATCHNORM_BATCH} or more, or keep BatchNorm's statistics fixed with "
         "--model.freeze_batchnorm true (pretrained weights) or --model.finetune head."
     )
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """`value` from every process, in rank order (just `[value]` when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
