@@ -26,22 +26,15 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
 )
 
 from tl_project.backbones import build_backbone
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
-from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, gather_objects, small_batch_advice
+from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, small_batch_advice
 
 # (images, targets, dataset indices), as ImageDataModule's loaders give them.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-# How many of the most confidently wrong test images the report keeps.
-MOST_WRONG = 16
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -120,18 +113,6 @@ class TransferLearningModel(L.LightningModule):
         self.test_metrics = stage_metrics("test", num_classes)
         # Mean loss weighted by images, summed across processes: exact under DDP too.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        # For the test report: per-class scores, confusion matrix, calibration.
-        self.report_metrics = MetricCollection(
-            {
-                "precision": MulticlassPrecision(num_classes, average=None),
-                "recall": MulticlassRecall(num_classes, average=None),
-                "f1": MulticlassF1Score(num_classes, average=None),
-                "confusion_matrix": MulticlassConfusionMatrix(num_classes),
-                "ece": MulticlassCalibrationError(num_classes, n_bins=15),
-            }
-        )
-        self._wrong: list[tuple[float, int, int, int]] = []  # (confidence, index, target, prediction)
-        self.test_results: dict[str, Any] = {}
         self._was_frozen: bool | None = None  # the phase of the last training epoch (gradual)
         # Frozen-backbone features of the training images by dataset index (cache_features).
         self._features: torch.Tensor | None = None
@@ -237,25 +218,24 @@ class TransferLearningModel(L.LightningModule):
 
     # -- steps --
 
-    def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a batch; logs the stage's loss and metrics."""
         images, labels, indices = batch
         logits = (
             self._cached_logits(images, indices) if stage == "train" and self._features is not None else self(images)
         )
-        if stage == "test":
-            self._update_report(logits, labels, indices)
         loss = self.loss_fn(logits, labels)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         metrics.update(logits, labels)
         mean_loss.update(loss.detach(), weight=len(labels))
         self.log(f"{stage}/loss", mean_loss, on_epoch=True, on_step=False)
         self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage != "test")
-        return loss
+        return loss, logits
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.global_step == 0 and batch_idx == 0 and self._small_for_batchnorm(len(batch[1])):
             rank_zero_warn(small_batch_advice(len(batch[1])))
-        loss = self._shared_step(batch, "train")
+        loss, _ = self._shared_step(batch, "train")
         # The live loss of the step, for the progress bar only.
         self.log("loss", loss, prog_bar=True, logger=False)
         self._stop_unless_finite(loss, len(batch[1]))
@@ -293,33 +273,14 @@ class TransferLearningModel(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
-
-    def _update_report(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
-        self.report_metrics.update(logits, labels)
-        confidence, predicted = logits.softmax(dim=1).max(dim=1)
-        wrong = predicted != labels
-        rows = zip(
-            confidence[wrong].tolist(),
-            indices[wrong].tolist(),
-            labels[wrong].tolist(),
-            predicted[wrong].tolist(),
-            strict=True,
-        )
-        self._wrong = sorted([*self._wrong, *rows], reverse=True)[:MOST_WRONG]
-
-    def on_test_epoch_start(self) -> None:
-        self._wrong = []
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """The batch's logits, labels and indices, for callbacks (the test report)."""
+        _, logits = self._shared_step(batch, "test")
+        return {"logits": logits.detach(), "labels": batch[1], "indices": batch[2]}
 
     def on_test_epoch_end(self) -> None:
         accuracy = self.test_metrics["acc"].compute()  # synchronised across processes
         self.print(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
-        results = {name: value.cpu() for name, value in self.report_metrics.compute().items()}
-        self.report_metrics.reset()
-        wrong = [row for part in gather_objects(self._wrong) for row in part]
-        results["most_confident_wrong"] = sorted(wrong, reverse=True)[:MOST_WRONG]
-        self.test_results = results
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images, _, indices = batch

@@ -8,6 +8,9 @@
 - `misclassified.png` and `misclassified.csv`: the most confidently wrong test images;
 - `curves.png`: loss and accuracy per epoch of the training run, from its `metrics.csv`;
 - `report.md`: all of it together, with the data, the recipe and the commands.
+
+`TestReport`, a callback that `test` adds, collects what these need while the test runs
+and writes them at its end.
 """
 
 from __future__ import annotations
@@ -29,12 +32,35 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.ticker import MaxNLocator
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from tl_project.checkpoints import read_checkpoint
+from tl_project.runtime import gather_objects
 
 # Above this many classes, cell values would not fit in the confusion-matrix picture.
 ANNOTATE_UP_TO = 20
+# How many of the most confidently wrong test images the report keeps.
+MOST_WRONG = 16
+
+
+def report_metrics(num_classes: int) -> MetricCollection:
+    """Per-class precision, recall and F1, the confusion matrix, the expected calibration error."""
+    return MetricCollection(
+        {
+            "precision": MulticlassPrecision(num_classes, average=None),
+            "recall": MulticlassRecall(num_classes, average=None),
+            "f1": MulticlassF1Score(num_classes, average=None),
+            "confusion_matrix": MulticlassConfusionMatrix(num_classes),
+            "ece": MulticlassCalibrationError(num_classes, n_bins=15),
+        }
+    )
 
 
 def _as_list(value: Any) -> Any:
@@ -230,7 +256,52 @@ def _model_card(metrics: Mapping[str, Any], context: Mapping[str, Any], has_curv
 
 
 class TestReport(Callback):
-    """After `test`: writes the report of `report.py` into `<run>/report/` and prints where."""
+    """Collects what the report needs during `test`, then writes it into `<run>/report/` and says where.
+
+    From each test batch (what `test_step` returns: logits, labels, dataset indices) it
+    updates per-class precision, recall and F1, the confusion matrix and the calibration
+    error, and keeps the most confidently wrong images; under DDP the metrics are
+    synchronised and the wrong images gathered from every process before rank 0 writes.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: MetricCollection | None = None
+        self.wrong: list[tuple[float, int, int, int]] = []  # (confidence, index, target, prediction)
+        self.results: dict[str, Any] = {}
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        classes = len(pl_module.class_names)  # type: ignore[arg-type]
+        self.metrics = report_metrics(classes).to(pl_module.device)
+        self.wrong = []
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        assert self.metrics is not None
+        logits, labels, indices = outputs["logits"], outputs["labels"], outputs["indices"]
+        self.metrics.update(logits, labels)
+        confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+        wrong = predicted != labels
+        rows = zip(
+            confidence[wrong].tolist(),
+            indices[wrong].tolist(),
+            labels[wrong].tolist(),
+            predicted[wrong].tolist(),
+            strict=True,
+        )
+        self.wrong = sorted([*self.wrong, *rows], reverse=True)[:MOST_WRONG]
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self.metrics is not None
+        self.results = {name: value.cpu() for name, value in self.metrics.compute().items()}  # synchronised
+        wrong = [row for part in gather_objects(self.wrong) for row in part]
+        self.results["most_confident_wrong"] = sorted(wrong, reverse=True)[:MOST_WRONG]
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
@@ -256,7 +327,7 @@ class TestReport(Callback):
         logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
         path = write_report(
             run_dir / "report",
-            pl_module.test_results,  # type: ignore[arg-type]
+            self.results,
             logged,
             pl_module.class_names,  # type: ignore[arg-type]
             datamodule.datasets["test"],
