@@ -1,13 +1,19 @@
-"""Objects the reliability tests hand to tl_project by import path, in-process or in a subprocess."""
+"""Shared helpers of the tests: command lines, run folders, exit codes; and the objects the
+reliability tests hand to tl_project by import path, in-process or in a subprocess."""
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 from lightning.pytorch.callbacks import Callback
+
+from tl_project import main
 
 MARKER_ENV = "TL_PROJECT_TEST_MARKER"
 
@@ -29,3 +35,34 @@ class FailOnRank(Callback):
     ) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
+
+
+ACCURACY_LINE = re.compile(r"Accuracy of the model on the test images: (\d+\.\d\d) %")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def fit_args(root: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        *("--model.weights", "null"),
+        *("--data.dataset", "null", "--data.root", str(root)),
+        *("--data.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"),
+        *("--trainer.max_epochs", "2", "--trainer.default_root_dir", str(runs)),
+        *QUIET,
+        *extra,
+    ]
+
+
+def run_dirs(runs: Path) -> list[Path]:
+    return sorted(runs.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def exit_code(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as raised:
+        main(args)
+    return int(raised.value.code or 0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_cli import exit_code
+from tests.helpers import exit_code
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from tests.conftest import COLORS, make_image_folder
-from tests.test_cli import exit_code, fit_args, read_csv, run_dirs
+from tests.helpers import exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, main
 from tl_project.checks import check_images, inspect_image
 from tl_project.errors import UserError

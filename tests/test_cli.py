@@ -7,7 +7,6 @@ otherwise, so that they finish in seconds on a CPU.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -21,40 +20,12 @@ import torch
 import yaml
 
 from tests.conftest import COLORS, make_image_folder
+from tests.helpers import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, TransferLearningModel, main
 from tl_project.cli import find_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-ACCURACY_LINE = re.compile(r"Accuracy of the model on the test images: (\d+\.\d\d) %")
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-def fit_args(root: Path, runs: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        *("--model.weights", "null"),
-        *("--data.dataset", "null", "--data.root", str(root)),
-        *("--data.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"),
-        *("--trainer.max_epochs", "2", "--trainer.default_root_dir", str(runs)),
-        *QUIET,
-        *extra,
-    ]
-
-
-def run_dirs(runs: Path) -> list[Path]:
-    return sorted(runs.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def exit_code(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as raised:
-        main(args)
-    return int(raised.value.code or 0)
 
 
 @pytest.fixture(scope="module")

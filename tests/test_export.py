@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import QUIET, exit_code, fit_args, read_csv, run_dirs
+from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main
 
 

@@ -23,8 +23,7 @@ import torch
 import torchvision
 
 from tests.conftest import COLORS, make_image_folder
-from tests.helpers import MARKER_ENV
-from tests.test_cli import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
+from tests.helpers import ACCURACY_LINE, MARKER_ENV, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import TransferLearningModel, main
 from tl_project.backbones import build_backbone, hub_file
 from tl_project.errors import UserError

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import COLORS, make_image_folder
-from tests.test_cli import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
+from tests.helpers import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main, runtime
 from tl_project.cli import TransferLearningCLI
 
