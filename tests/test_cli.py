@@ -199,8 +199,15 @@ def test_default_imagenet_weights_from_the_cache(standin_cache: Path, image_fold
     args = fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
     args[args.index("--model.weights") : args.index("--model.weights") + 2] = []
     main(args)
-    checkpoint = torch.load(run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    last = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["hyper_parameters"]["weights"] == "IMAGENET1K_V2"
+    # The weights' own preprocessing (232 for a 224 crop), saved resolved, used again by test.
+    preprocessing = checkpoint["hyper_parameters"]["preprocessing"]
+    assert preprocessing["crop_pct"] == pytest.approx(224 / 232) and preprocessing["interpolation"] == "bilinear"
+    main(["test", "--ckpt_path", str(last), "--trainer.default_root_dir", str(tmp_path / "runs"), *QUIET])
+    card = (run_dirs(tmp_path / "runs")[1] / "report" / "report.md").read_text()
+    assert "Preprocessing: resize 33, center crop 32, bilinear" in card  # 32 / (224 / 232) = 33.1
 
 
 def test_missing_pretrained_weights_stop_before_training(

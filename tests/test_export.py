@@ -35,6 +35,8 @@ def test_export_checks_parity_and_writes_classes_beside_the_model(
     meta = json.loads(Path(f"{target}.json").read_text())
     assert meta["classes"] == ["cat", "dog", "fish"] and meta["input"]["image_size"] == 32
     assert meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    # Random init: ImageNet's classic preset, 32 / 0.875 = 36.6.
+    assert meta["preprocessing"]["resize_short_side"] == 37 and meta["preprocessing"]["interpolation"] == "bilinear"
     if format == "torchscript":
         scripted = torch.jit.load(str(target))
         assert scripted(torch.randn(3, 3, 32, 32)).shape == (3, 3)

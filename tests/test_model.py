@@ -89,8 +89,17 @@ def test_injected_optimizer_and_scheduler() -> None:
 def test_hyperparameters_are_plain_values() -> None:
     model = _model(optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
     assert "optimizer" not in model.hparams
-    plain = (str, int, float, bool, type(None), list)
-    assert all(isinstance(v, plain) for v in model.hparams.values())
+    plain = (str, int, float, bool, type(None))
+
+    def is_plain(value: object) -> bool:
+        if isinstance(value, list):
+            return all(map(is_plain, value))
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+        return isinstance(value, plain)
+
+    assert all(is_plain(v) for v in model.hparams.values())
+    assert model.hparams["preprocessing"]["mean"] == [0.485, 0.456, 0.406]  # lists, not tuples
 
 
 def test_checkpoint_of_other_classes_is_refused_with_both_lists() -> None:

@@ -1,11 +1,15 @@
-"""Batched on-device transforms of in-memory images against the per-image worker path."""
+"""Batched on-device transforms of in-memory images against the per-image worker path, and the
+preprocessing that comes with the weights."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from tests.conftest import make_image_folder
 from tl_project.data import ImageDataModule
 from tl_project.data.datasets import TensorImageDataset
 from tl_project.transforms import CropSampler, eval_transform, normalize, resized_crops, train_transform
@@ -94,3 +98,47 @@ def test_data_module_crops_named_datasets_after_the_transfer() -> None:
     images, targets, indices = data.on_after_batch_transfer(batch)
     assert images.shape == (4, 3, 40, 40) and images.dtype == torch.float32
     assert torch.equal(targets, batch[1]) and torch.equal(indices, batch[2])
+
+
+# --- preprocessing from the weights ---
+
+
+def test_default_weights_preprocess_as_torchvision_says(standin_cache: Path) -> None:
+    """The seed recipe (resnet50, IMAGENET1K_V2, 224 px) evaluates exactly as the weights' own preset."""
+    from types import SimpleNamespace
+
+    import torchvision
+
+    from tl_project.model import TransferLearningModel
+
+    # standin_cache: random values under the official file name; only the preset matters here.
+    model = TransferLearningModel(num_classes=3, backbone="resnet50", weights="IMAGENET1K_V2")
+    preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()
+    assert model.preprocessing.resize_size(224) == preset.resize_size[0] == 232
+    assert model.hparams["preprocessing"]["mean"] == list(preset.mean)
+
+    folder = make_image_folder(standin_cache.parents[3] / "images", {"a": (200, 30, 90)}, per_class=2, size=300)
+    data = ImageDataModule(dataset=None, root=str(folder), image_size=224, num_workers=0, val_split=0.5, test_split=0)
+    data.trainer = SimpleNamespace(lightning_module=model, is_global_zero=True)  # type: ignore[assignment]
+    data.setup("validate")
+    dataset = data.datasets["val"]  # the evaluation view
+    image, _ = dataset.load(0)
+    ours = data.on_after_batch_transfer((dataset.item(0)[0][None], torch.zeros(1), torch.zeros(1)))[0][0]
+    theirs = preset(image)  # resize 232 (bilinear, antialiased), crop 224, scale, normalise
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    # transforms.v2 resizes uint8 with its own kernel, which rounds some pixels the other way
+    # than the preset's float path: at most one uint8 level apart. A wrong resize (256 instead
+    # of 232) or crop moves whole edges, far more.
+    assert torch.allclose(ours, theirs, atol=ONE_LEVEL + 1e-5)
+    assert (ours - theirs).abs().mean() < 0.25 * ONE_LEVEL
+    wrong_size = normalize(eval_transform(224)(image))  # ImageNet's classic 256 -> 224
+    assert (wrong_size - theirs).abs().max() > 5 * ONE_LEVEL
+
+
+def test_bicubic_weights_resize_bicubic(offline: Path) -> None:
+    from tl_project.backbones import weights_preprocessing
+    from tl_project.transforms import IMAGENET
+
+    steps = weights_preprocessing("efficientnet_b0", "IMAGENET1K_V1")
+    assert steps.interpolation == "bicubic" and steps.resize_size(224) == 256
+    assert weights_preprocessing("resnet50", None) == IMAGENET

@@ -12,6 +12,10 @@ features, read from the layer it removed. `weights` is one of:
 
 Every file is read with `weights_only=True`. Nothing falls back: weights that
 cannot be had raise `UserError` with the file that is missing and the alternatives.
+
+`weights_preprocessing` gives the input preprocessing that goes with the weights:
+the torchvision preset of a weights name, the saved one of a tl_project checkpoint,
+ImageNet's classic preset otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from tl_project.checkpoints import load_trusted
 from tl_project.errors import UserError
+from tl_project.transforms import IMAGENET, Preprocessing
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 # Auxiliary classifiers that only exist to add training losses; we train one head.
@@ -103,21 +108,36 @@ def _drop_aux_heads(model: nn.Module) -> None:
                 setattr(model, aux, None)
 
 
-def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
-    """Where torchvision caches `weights`: `$TORCH_HOME/hub/checkpoints/<file>`."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+def weights_preprocessing(name: str, weights: str | None) -> Preprocessing:
+    """The preprocessing the network was trained with, as far as `weights` tells it."""
+    if weights is None:
+        return IMAGENET
+    if is_weights_path(weights):
+        content = load_trusted(Path(weights).expanduser(), what="weights file") if Path(weights).is_file() else None
+        saved = content.get("hyper_parameters", {}).get("preprocessing") if isinstance(content, Mapping) else None
+        return Preprocessing.from_dict(saved) if saved else IMAGENET
+    return Preprocessing.of_weights(_weights_enum(name, weights))
 
 
-def _pretrained(name: str, weights_name: str) -> nn.Module:
+def _weights_enum(name: str, weights_name: str) -> torchvision.models.WeightsEnum:
     enum = torchvision.models.get_model_weights(name)
     try:
-        weights = enum[weights_name]
+        return enum[weights_name]
     except KeyError:
         raise UserError(
             f"Unknown weights {weights_name!r} for backbone {name!r}. Valid names: "
             + ", ".join(weights_names(name))
             + "; or a path to a .pth/.pt/.ckpt file; or null for random initialisation."
         ) from None
+
+
+def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torchvision caches `weights`: `$TORCH_HOME/hub/checkpoints/<file>`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _pretrained(name: str, weights_name: str) -> nn.Module:
+    weights = _weights_enum(name, weights_name)
     cached = hub_file(weights)
     if not cached.is_file():
         print(f"Downloading {weights.url} to {cached}", file=sys.stderr)

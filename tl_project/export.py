@@ -26,7 +26,7 @@ from tl_project.checkpoints import read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError
 from tl_project.model import TransferLearningModel
-from tl_project.transforms import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from tl_project.transforms import Preprocessing
 
 
 def export(
@@ -87,11 +87,12 @@ def export(
         "classes": model.class_names,
         "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "image_size": image_size},
         "preprocessing": {
-            "resize_short_side": round(image_size / CROP_RATIO),
+            "resize_short_side": model.preprocessing.resize_size(image_size),
+            "interpolation": model.preprocessing.interpolation,
             "center_crop": image_size,
             "scale": "pixel / 255",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(model.preprocessing.mean),
+            "std": list(model.preprocessing.std),
         },
         "output": {"name": "logits", "softmax": "apply for probabilities"},
     }
@@ -110,6 +111,13 @@ class OnnxClassifier:
         self.meta = json.loads(sidecar.read_text())
         self.classes: list[str] = self.meta["classes"]
         self.image_size: int = self.meta["input"]["image_size"]
+        steps = self.meta["preprocessing"]
+        self.preprocessing = Preprocessing(
+            crop_pct=steps["center_crop"] / steps["resize_short_side"],
+            interpolation=steps.get("interpolation", "bilinear"),
+            mean=tuple(steps["mean"]),
+            std=tuple(steps["std"]),
+        )
         self.run = self.session(path).run
 
     @staticmethod
@@ -145,6 +153,7 @@ def predict_onnx(
         predict_dir=predict_dir,
         on_bad_image=on_bad_image,
     )
+    data.preprocessing = model.preprocessing
     data.setup("predict")
     rows: dict[int, tuple[list[int], list[float]]] = {}
     for batch in data.predict_dataloader():

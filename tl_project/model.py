@@ -28,10 +28,11 @@ from torchmetrics.classification import (
     MulticlassAccuracy,
 )
 
-from tl_project.backbones import build_backbone
+from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
 from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, small_batch_advice
+from tl_project.transforms import Preprocessing
 
 # (images, targets, dataset indices), as ImageDataModule's loaders give them.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -67,6 +68,7 @@ class TransferLearningModel(L.LightningModule):
         backbone_lr_factor: float = 0.1,
         label_smoothing: float = 0.0,
         freeze_batchnorm: bool = False,
+        preprocessing: dict[str, Any] | None = None,
         channels_last: bool = True,
         cache_features: bool = False,
         compile: bool = False,
@@ -84,6 +86,7 @@ class TransferLearningModel(L.LightningModule):
             backbone_lr_factor: With finetune gradual: the backbone's learning rate relative to the head's.
             label_smoothing: Label smoothing of the cross-entropy loss, 0 for none.
             freeze_batchnorm: Keep the backbone's BatchNorm statistics fixed (eval mode) while it trains; for batches under 16 images per device.
+            preprocessing: The input preprocessing (crop_pct, interpolation, mean, std); null takes the weights' own (torchvision's preset of a weights name), else ImageNet's classic one. Saved resolved in checkpoints.
             channels_last: Run convolutions in channels-last memory format (faster on most CPUs and GPUs).
             cache_features: With finetune head and data.augment false: compute the frozen backbone's features once, before the first epoch, and train the head on them.
             compile: Compile the backbone with torch.compile (minutes of compiling first; see README, Performance).
@@ -104,6 +107,11 @@ class TransferLearningModel(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
 
         self.backbone, in_features = build_backbone(backbone, weights)
+        # Resolved once and saved: test, predict, the report and export use what training used.
+        self.preprocessing = (
+            Preprocessing.from_dict(preprocessing) if preprocessing else weights_preprocessing(backbone, weights)
+        )
+        self.hparams["preprocessing"] = self.preprocessing.as_dict()
         self.head = nn.Linear(in_features, num_classes)
         if finetune == "head":
             self.backbone.requires_grad_(False)

@@ -43,6 +43,7 @@ from torchmetrics.classification import (
 
 from tl_project.checkpoints import read_checkpoint
 from tl_project.runtime import gather_objects
+from tl_project.transforms import Preprocessing
 
 # Above this many classes, cell values would not fit in the confusion-matrix picture.
 ANNOTATE_UP_TO = 20
@@ -219,6 +220,7 @@ def _model_card(metrics: Mapping[str, Any], context: Mapping[str, Any], has_curv
         f"- Backbone: {model.get('backbone')}, initial weights: {model.get('weights')}, "
         f"fine-tuning: {model.get('finetune')}",
         f"- Optimizer: {context.get('optimizer', 'see the training run config.yaml')}",
+        f"- Preprocessing: {describe_preprocessing(model.get('preprocessing'), data.get('image_size'))}",
         "",
         "## Results",
         "",
@@ -334,6 +336,17 @@ class TestReport(Callback):
             context,
         )
         print(f"Test report written to {path}")
+
+
+def describe_preprocessing(preprocessing: Mapping[str, Any] | None, image_size: int | None) -> str:
+    """`resize 232, center crop 224, bilinear, mean [...], std [...]` from the saved preprocessing."""
+    if not preprocessing or not image_size:
+        return "not recorded (a checkpoint from before preprocessing was saved)"
+    steps = Preprocessing.from_dict(dict(preprocessing))
+    return (
+        f"resize {steps.resize_size(int(image_size))}, center crop {image_size}, {steps.interpolation}, "
+        f"mean {[round(m, 3) for m in steps.mean]}, std {[round(s, 3) for s in steps.std]}"
+    )
 
 
 def describe_optimizer(config_yaml: Path) -> str:

@@ -19,6 +19,8 @@ extension are ignored.
 Batches leave the loader as uint8 images; `on_after_batch_transfer` makes the
 normalised floats on the device (and, for the in-memory datasets, the crops too:
 see `tl_project.transforms`). Code that iterates a loader itself calls it as well.
+The resize, interpolation, mean and std are the model's (`model.preprocessing`, from
+its weights), taken in `setup()` from the Trainer's model.
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ from tl_project.data.images import IMAGE_EXTENSIONS, is_image_file, list_images
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, stratified_split
 from tl_project.errors import UserError
-from tl_project.transforms import CropSampler, eval_transform, normalize, resized_crops, train_transform
+from tl_project.transforms import (
+    IMAGENET,
+    CropSampler,
+    Preprocessing,
+    eval_transform,
+    normalize,
+    resized_crops,
+    train_transform,
+)
 
 # What a stage did not do when unusable images stop it.
 UNDONE = {"fit": "trained", "validate": "validated", "test": "tested", "predict": "predicted"}
@@ -126,6 +136,8 @@ class ImageDataModule(L.LightningDataModule):
         self.max_image_pixels = max_image_pixels
         self.class_names = self._resolve_class_names(classes)
         self.datasets: dict[str, ImageDataset] = {}
+        # The model's (its weights' preset), taken in setup(); set it before setup() without a Trainer.
+        self.preprocessing = IMAGENET
 
     @property
     def num_classes(self) -> int:
@@ -186,10 +198,14 @@ class ImageDataModule(L.LightningDataModule):
             download_named(self.dataset, self.named_root)
 
     def setup(self, stage: str) -> None:
-        """Build the datasets `stage` needs."""
+        """Build the datasets `stage` needs, with the preprocessing of the model's weights."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        preprocessing = getattr(model, "preprocessing", None)
+        if isinstance(preprocessing, Preprocessing):
+            self.preprocessing = preprocessing
         if stage == "predict":
             paths = self._usable({"predict": [(p, 0) for p in self._predict_paths()]}, ["images"], stage)["predict"]
-            self.datasets["predict"] = PredictDataset([p for p, _ in paths], eval_transform(self.image_size))
+            self.datasets["predict"] = PredictDataset([p for p, _ in paths], self._eval_transform())
             return
         if "train" not in self.datasets:
             self._build_labelled(stage)
@@ -206,7 +222,7 @@ class ImageDataModule(L.LightningDataModule):
             images, labels = read_named(self.dataset, self.named_root, train=True)
             rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
             test_images, test_labels = read_named(self.dataset, self.named_root, train=False)
-            eval_crop = CropSampler(self.image_size, train=False)
+            eval_crop = CropSampler(self.image_size, train=False, crop_pct=self.preprocessing.crop_pct)
             train_crop = CropSampler(self.image_size, self.min_crop_scale) if self.augment else eval_crop
             self.datasets = {
                 "train": TensorImageDataset(images[rest], labels[rest], train_crop, self.seed),
@@ -215,12 +231,17 @@ class ImageDataModule(L.LightningDataModule):
             }
             return
         samples = self._usable(self.folder_splits(), self.class_names, stage)
-        eval_tf = eval_transform(self.image_size)
-        train_tf = train_transform(self.image_size, self.min_crop_scale) if self.augment else eval_tf
+        eval_tf = self._eval_transform()
+        train_tf = (
+            train_transform(self.image_size, self.min_crop_scale, self.preprocessing) if self.augment else eval_tf
+        )
         self.datasets = {
             split: FolderDataset(samples[split], train_tf if split == "train" else eval_tf, self.seed)
             for split in SPLITS
         }
+
+    def _eval_transform(self) -> Any:
+        return eval_transform(self.image_size, self.preprocessing)
 
     def folder_splits(self) -> dict[str, list[tuple[Path, int]]]:
         """(path, label) samples of train, val and test from the image folder."""
@@ -336,8 +357,8 @@ class ImageDataModule(L.LightningDataModule):
         resized and flipped here too, by the params their item carries."""
         images, targets, indices, *params = batch
         if params:
-            return resized_crops(images, params[0], self.image_size), targets, indices
-        return normalize(images), targets, indices
+            return resized_crops(images, params[0], self.image_size, self.preprocessing), targets, indices
+        return normalize(images, self.preprocessing), targets, indices
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
