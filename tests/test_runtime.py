@@ -5,7 +5,6 @@ bf16 (emulated where the CPU lacks it), so every machine catches what a bf16 mac
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -95,12 +94,11 @@ def chosen(*args: str) -> str:
 
 
 def test_the_cli_chooses_by_the_model_and_the_data_and_an_explicit_precision_wins(
-    auto_precision: None, machine: Machine, caplog: pytest.LogCaptureFixture
+    auto_precision: None, machine: Machine, capfd: pytest.CaptureFixture[str]
 ) -> None:
     machine("Intel Xeon, AMX")
-    with caplog.at_level(logging.INFO):
-        assert chosen("--data.batch_size", "32") == "bf16-mixed"
-    assert "Precision bf16-mixed: a CPU with native bf16" in caplog.text
+    assert chosen("--data.batch_size", "32") == "bf16-mixed"
+    assert "Precision bf16-mixed: a CPU with native bf16" in capfd.readouterr().out
     assert chosen("--data.batch_size", "4") == "32-true"
     assert chosen("--data.batch_size", "4", "--model.finetune", "head") == "bf16-mixed"
     assert chosen("--data.batch_size", "4", "--model.freeze_batchnorm", "true") == "bf16-mixed"
@@ -110,13 +108,14 @@ def test_the_cli_chooses_by_the_model_and_the_data_and_an_explicit_precision_win
     assert chosen("--data.batch_size", "4", "--trainer.precision", "bf16-mixed") == "bf16-mixed"
 
 
-def test_small_batches_for_batchnorm_warn_before_training(image_folder: Path, tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match=r"Batches of 4 images per device are small for BatchNorm"):
-        main(fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1", "--model.backbone", "resnet18"))
+def test_small_batches_for_batchnorm_warn_before_training(
+    image_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    main(fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1", "--model.backbone", "resnet18"))
+    assert capfd.readouterr().err.count("Batches of 4 images per device are small for BatchNorm") == 1
     frozen = fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1", "--model.finetune", "head")
-    with pytest.warns() as record:
-        main([*frozen, "--model.backbone", "resnet18"])
-    assert not [w for w in record if "small for BatchNorm" in str(w.message)]
+    main([*frozen, "--model.backbone", "resnet18"])
+    assert "small for BatchNorm" not in capfd.readouterr().err
 
 
 def test_divergence_names_the_precision_and_the_batch(
@@ -138,7 +137,6 @@ def test_fit_test_predict_export_in_bf16_on_every_machine(
     machine: Machine,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """bf16 end to end: natively on a bf16 CPU, emulated (same numerics, slower) elsewhere."""
     root = make_image_folder(tmp_path / "images", COLORS, per_class=12)
@@ -154,9 +152,8 @@ def test_fit_test_predict_export_in_bf16_on_every_machine(
     main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(root), *common, *bf16])
     # Evaluation without --trainer.precision is fp32 even on a bf16 CPU.
     machine("Intel Xeon, AMX")
-    with caplog.at_level(logging.INFO):
-        main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(root), *common])
-    assert "Precision 32-true: evaluation on a CPU runs in fp32" in caplog.text
+    main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(root), *common])
+    assert "Precision 32-true: evaluation on a CPU runs in fp32" in capfd.readouterr().out
 
     onnx = tmp_path / "model.onnx"
     main(["export", "--ckpt_path", str(checkpoint), "--output", str(onnx)])

@@ -21,7 +21,6 @@ ImageNet's classic preset otherwise.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import nn
 
 from tl_project.checkpoints import load_trusted
 from tl_project.errors import UserError
+from tl_project.runtime import say
 from tl_project.transforms import IMAGENET, Preprocessing
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -140,7 +140,7 @@ def _pretrained(name: str, weights_name: str) -> nn.Module:
     weights = _weights_enum(name, weights_name)
     cached = hub_file(weights)
     if not cached.is_file():
-        print(f"Downloading {weights.url} to {cached}", file=sys.stderr)
+        say(f"Downloading {weights.url} to {cached}")
         # The file name carries the start of its SHA-256, as torchvision checks it.
         match = torch.hub.HASH_REGEX.search(cached.name)
         try:

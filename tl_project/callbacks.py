@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_project.runtime import gather_objects
+from tl_project.runtime import gather_objects, say
 
 
 class Checkpoint(ModelCheckpoint):
@@ -131,7 +131,7 @@ def write_predictions(
             for c, p in zip(classes, probabilities, strict=True):
                 line += [names[c], f"{p:.6f}"]
             writer.writerow(line)
-    print(f"Predictions for {len(rows)} images written to {path}")
+    say(f"Predictions for {len(rows)} images written to {path}")
 
 
 class FitSummary(Callback):
@@ -175,10 +175,10 @@ class FitSummary(Callback):
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
             score = checkpoint.best_model_score
             shown = f" ({checkpoint.monitor} {score.item():.4f})" if score is not None else ""
-            print(f"Best checkpoint: {checkpoint.best_model_path}{shown}")
+            say(f"Best checkpoint: {checkpoint.best_model_path}{shown}")
         if self.images_per_second is not None:
-            print(
+            say(
                 f"Training throughput: {self.images_per_second:.1f} images/s "
                 f"({self.images} images in {self.seconds:.1f} s, first batch of each epoch excluded)"
             )
-        print(f"Fit took {time.perf_counter() - self._fit_start:.1f} s in all")
+        say(f"Fit took {time.perf_counter() - self._fit_start:.1f} s in all")

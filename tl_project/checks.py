@@ -26,20 +26,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-# The format PIL reports for the content each extension promises.
-EXTENSION_FORMATS = {
-    ".jpg": "JPEG",
-    ".jpeg": "JPEG",
-    ".png": "PNG",
-    ".bmp": "BMP",
-    ".gif": "GIF",
-    ".tif": "TIFF",
-    ".tiff": "TIFF",
-    ".webp": "WEBP",
-    ".ppm": "PPM",
-    ".pgm": "PPM",
-    ".pbm": "PPM",
-}
+from tl_project.data.images import EXTENSION_FORMATS
 
 
 @dataclass(frozen=True)

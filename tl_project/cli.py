@@ -36,15 +36,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError, user_message
-from tl_project.model import TransferLearningModel
+from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
 from tl_project.report import TestReport
-from tl_project.runtime import check_output_dir, choose_precision
+from tl_project.runtime import check_output_dir, choose_precision, say
 
 CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parent.parent / "configs")
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
@@ -113,9 +112,9 @@ class TransferLearningCLI(LightningCLI):
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
-                "model.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.001, "momentum": 0.9}},
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
+                "model.optimizer": RECIPE_OPTIMIZER,
+                "checkpoint.monitor": MONITOR,
+                "checkpoint.mode": MONITOR_MODE,
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch={epoch}-val_acc={val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
@@ -159,7 +158,7 @@ class TransferLearningCLI(LightningCLI):
                 batch_size=self.datamodule.batch_size,
                 batchnorm_trains=self.model.batchnorm_trains,
             )
-            rank_zero_info(f"Precision {kwargs['precision']}: {why} (set --trainer.precision to choose)")
+            say(f"Precision {kwargs['precision']}: {why} (set --trainer.precision to choose)")
         if config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
             kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
@@ -232,7 +231,7 @@ def run_check(command: str, args: list[str], from_sys_argv: bool) -> None:
     if data.dataset is not None:
         raise UserError(f"check inspects image folders; pass --data.dataset null --data.root DIR (not {data.dataset}).")
     report = data.check(data.folder_splits(), data.class_names)
-    print(report.format(data.class_names))
+    say(report.format(data.class_names))
     raise SystemExit(1 if report.problems else 0)
 
 

@@ -13,6 +13,17 @@ class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
 
 
+def class_mismatch(checkpoint: list[str], data: list[str], where: str = "") -> UserError:
+    """The error for a checkpoint whose classes are not the data's: both lists, and the two ways on."""
+    return UserError(
+        f"The checkpoint's classes do not match the data{where}.\n"
+        f"  checkpoint ({len(checkpoint)}): {checkpoint}\n"
+        f"  data       ({len(data)}): {data}\n"
+        "Pass the data the model was trained on (--data.root, --data.dataset), "
+        "or fine-tune a new model on this data with fit --model.weights CHECKPOINT."
+    )
+
+
 def user_message(error: BaseException) -> str:
     """The user-facing message of `error`, also when a DataLoader worker re-raised it.
 

@@ -26,6 +26,7 @@ from tl_project.checkpoints import read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError
 from tl_project.model import TransferLearningModel
+from tl_project.runtime import say
 from tl_project.transforms import Preprocessing
 
 
@@ -76,7 +77,7 @@ def export(
             exported = torch.jit.load(str(target))(example)
 
     difference = (exported - expected).abs().max().item()
-    print(f"Parity with PyTorch on a batch of 4: max abs difference {difference:.3g} (rtol {rtol:g}, atol {atol:g})")
+    say(f"Parity with PyTorch on a batch of 4: max abs difference {difference:.3g} (rtol {rtol:g}, atol {atol:g})")
     if not torch.allclose(exported, expected, rtol=rtol, atol=atol):
         target.unlink()
         raise UserError(f"The exported {format} model differs from PyTorch beyond the tolerance; nothing was kept.")
@@ -97,7 +98,7 @@ def export(
         "output": {"name": "logits", "softmax": "apply for probabilities"},
     }
     Path(f"{target}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"Exported {format} model to {target} (classes and preprocessing in {target}.json)")
+    say(f"Exported {format} model to {target} (classes and preprocessing in {target}.json)")
     return target
 
 

@@ -20,7 +20,6 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
@@ -30,8 +29,8 @@ from torchmetrics.classification import (
 
 from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
-from tl_project.errors import UserError
-from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, small_batch_advice
+from tl_project.errors import UserError, class_mismatch
+from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
 from tl_project.transforms import Preprocessing
 
 # (images, targets, dataset indices), as ImageDataModule's loaders give them.
@@ -39,9 +38,15 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
+# The seed recipe's optimizer, as LightningCLI writes it (the CLI's default too).
+RECIPE_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.001, "momentum": 0.9}}
+# What "best" means: the checkpoint keeps the epoch with the highest validation accuracy.
+MONITOR, MONITOR_MODE = "val/acc", "max"
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     """The recipe's optimizer: SGD(lr=0.001, momentum=0.9)."""
-    return torch.optim.SGD(params, lr=0.001, momentum=0.9)
+    return torch.optim.SGD(params, **RECIPE_OPTIMIZER["init_args"])  # type: ignore[arg-type]
 
 
 def stage_metrics(stage: str, num_classes: int) -> MetricCollection:
@@ -179,7 +184,7 @@ class TransferLearningModel(L.LightningModule):
         trainable = self.head if frozen else self
         count = sum(p.numel() for p in trainable.parameters())
         rates = [group["lr"] for group in self.trainer.optimizers[0].param_groups]
-        self.print(
+        say(
             f"Epoch {self.current_epoch}: backbone {'frozen' if frozen else 'training'}; "
             f"{count:,} trainable parameters; learning rates head {rates[0]:.3g}, backbone {rates[1]:.3g}"
         )
@@ -242,7 +247,7 @@ class TransferLearningModel(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.global_step == 0 and batch_idx == 0 and self._small_for_batchnorm(len(batch[1])):
-            rank_zero_warn(small_batch_advice(len(batch[1])))
+            warn(small_batch_advice(len(batch[1])))
         loss, _ = self._shared_step(batch, "train")
         # The live loss of the step, for the progress bar only.
         self.log("loss", loss, prog_bar=True, logger=False)
@@ -288,7 +293,7 @@ class TransferLearningModel(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         accuracy = self.test_metrics["acc"].compute()  # synchronised across processes
-        self.print(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
+        say(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images, _, indices = batch
@@ -312,7 +317,8 @@ class TransferLearningModel(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
+            # The plateau of what the scheduler watches for: accuracy rises (mode max), loss falls (min).
+            config["monitor"] = MONITOR if scheduler.mode == MONITOR_MODE else "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # -- checkpoints --
@@ -328,13 +334,7 @@ class TransferLearningModel(L.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         saved_names = saved.get("class_names") or [str(i) for i in range(saved.get("num_classes", 0))]
         if saved_names and saved_names != self.class_names:
-            raise UserError(
-                "The checkpoint's classes do not match the data.\n"
-                f"  checkpoint ({len(saved_names)}): {saved_names}\n"
-                f"  data       ({len(self.class_names)}): {self.class_names}\n"
-                "Pass the data the model was trained on, or fine-tune on this data with "
-                "fit --model.weights CHECKPOINT."
-            )
+            raise class_mismatch(saved_names, self.class_names)
         if saved.get("backbone", self.hparams["backbone"]) != self.hparams["backbone"]:
             raise UserError(
                 f"The checkpoint holds a {saved['backbone']!r} backbone, not {self.hparams['backbone']!r}: "

@@ -42,7 +42,7 @@ from torchmetrics.classification import (
 )
 
 from tl_project.checkpoints import read_checkpoint
-from tl_project.runtime import gather_objects
+from tl_project.runtime import gather_objects, say
 from tl_project.transforms import Preprocessing
 
 # Above this many classes, cell values would not fit in the confusion-matrix picture.
@@ -335,7 +335,7 @@ class TestReport(Callback):
             datamodule.datasets["test"],
             context,
         )
-        print(f"Test report written to {path}")
+        say(f"Test report written to {path}")
 
 
 def describe_preprocessing(preprocessing: Mapping[str, Any] | None, image_size: int | None) -> str:

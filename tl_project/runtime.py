@@ -1,5 +1,8 @@
 """Where a run meets the machine: the precision a run uses when none is given, whether
-the output folder can hold the run, and gathering values across processes.
+the output folder can hold the run, gathering values across processes, and the one
+voice that talks to the user (`say`, `warn`: from rank zero only, through the
+`tl_project` logger; results and notes on stdout, warnings on stderr; errors are
+`UserError`s, printed by `cli.main`).
 
 The precision (`choose_precision`), when `--trainer.precision` is not given:
 
@@ -13,13 +16,16 @@ The precision (`choose_precision`), when `--trainer.precision` is not given:
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from tl_project.errors import UserError
 
@@ -116,3 +122,39 @@ def gather_objects(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+class _CurrentStream(logging.StreamHandler):
+    """A handler that writes to whatever sys.stdout / sys.stderr is now (also when it was replaced)."""
+
+    def __init__(self, name: str, levels: tuple[int, int]) -> None:
+        super().__init__()
+        self.name_of_stream = name
+        self.addFilter(lambda record: levels[0] <= record.levelno < levels[1])
+
+    @property
+    def stream(self) -> Any:
+        return getattr(sys, self.name_of_stream)
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+log = logging.getLogger("tl_project")
+log.setLevel(logging.INFO)
+log.propagate = False
+log.addHandler(_CurrentStream("stdout", (logging.INFO, logging.WARNING)))
+log.addHandler(_CurrentStream("stderr", (logging.WARNING, logging.CRITICAL + 1)))
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """Tell the user something (a result, where a file went, a phase change): once, on stdout."""
+    log.info(message)
+
+
+@rank_zero_only
+def warn(message: str) -> None:
+    """Warn the user (something they may want to change; the run goes on): once, on stderr."""
+    log.warning(message)

@@ -15,9 +15,22 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from tl_project.errors import UserError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-)
+# The image files tl_project reads, by extension, with the format PIL reports for the
+# content each extension promises (the data check compares them).
+EXTENSION_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+    ".ppm": "PPM",
+    ".pgm": "PPM",
+    ".pbm": "PPM",
+}
+IMAGE_EXTENSIONS = frozenset(EXTENSION_FORMATS)
 
 
 def is_image_file(path: Path) -> bool:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +41,8 @@ from tl_project.data.datasets import EpochSampler, FolderDataset, ImageDataset, 
 from tl_project.data.images import IMAGE_EXTENSIONS, is_image_file, list_images
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, stratified_split
-from tl_project.errors import UserError
+from tl_project.errors import UserError, class_mismatch
+from tl_project.runtime import warn
 from tl_project.transforms import (
     IMAGENET,
     CropSampler,
@@ -154,13 +154,7 @@ class ImageDataModule(L.LightningDataModule):
         else:
             found = self._folder_classes()
         if expected is not None and list(expected) != found:
-            raise UserError(
-                f"The checkpoint's classes do not match the data in {self.root}.\n"
-                f"  checkpoint ({len(expected)}): {list(expected)}\n"
-                f"  data       ({len(found)}): {found}\n"
-                "Pass the data the model was trained on (--data.root, --data.dataset), "
-                "or fine-tune a new model on this data with fit --model.weights CHECKPOINT."
-            )
+            raise class_mismatch(list(expected), found, f" in {self.root}")
         return found
 
     @property
@@ -282,8 +276,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"{len(report.warnings)} data warnings ({', '.join(kinds)}); "
                 "python -m tl_project check with the same --data options lists them."
             )
-        if notes and (self.trainer is None or self.trainer.is_global_zero):
-            print("\n".join(notes), file=sys.stderr)
+        if notes:
+            warn("\n".join(notes))
         bad = report.bad_paths
         return {split: [(p, label) for p, label in samples if p not in bad] for split, samples in splits.items()}
 
