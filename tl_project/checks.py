@@ -27,6 +27,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from tl_project.data.images import EXTENSION_FORMATS
+from tl_project.errors import UserError
+from tl_project.runtime import warn
 
 
 @dataclass(frozen=True)
@@ -130,3 +132,34 @@ def check_images(
             seen[digest] = (split, path)
     report.counts = {split: dict(c) for split, c in counts.items()}
     return report
+
+
+# What a stage did not do when unusable images stop it.
+UNDONE = {"fit": "trained", "validate": "validated", "test": "tested", "predict": "predicted"}
+
+
+def usable(
+    splits: dict[str, list[tuple[Path, int]]], report: DataReport, policy: str, stage: str
+) -> dict[str, list[tuple[Path, int]]]:
+    """`splits` without the unusable images of `report`, by the policy (data.on_bad_image): `error`
+    stops on any, listing all; `skip` leaves them out and says which. Warnings are counted."""
+    if report.problems and policy == "error":
+        raise UserError(
+            f"{len(report.problems)} unusable images; nothing was {UNDONE.get(stage, 'run')}:\n"
+            + "\n".join(map(str, report.problems))
+            + "\nRemove or replace them, or pass --data.on_bad_image skip to leave them out."
+        )
+    notes = []
+    if report.problems:
+        notes += [f"Skipping {len(report.problems)} unusable images (--data.on_bad_image skip):"]
+        notes += [str(finding) for finding in report.problems]
+    if report.warnings:
+        kinds = sorted({f.kind for f in report.warnings})
+        notes.append(
+            f"{len(report.warnings)} data warnings ({', '.join(kinds)}); "
+            "python -m tl_project check with the same --data options lists them."
+        )
+    if notes:
+        warn("\n".join(notes))
+    bad = report.bad_paths
+    return {split: [(p, label) for p, label in samples if p not in bad] for split, samples in splits.items()}

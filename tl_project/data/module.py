@@ -36,13 +36,12 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
-from tl_project.checks import DataReport, check_images
+from tl_project.checks import DataReport, check_images, usable
 from tl_project.data.datasets import EpochSampler, FolderDataset, ImageDataset, PredictDataset, TensorImageDataset
-from tl_project.data.images import IMAGE_EXTENSIONS, is_image_file, list_images
+from tl_project.data.folders import Splits, folder_classes, folder_splits, predict_paths
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, stratified_split
 from tl_project.errors import UserError, class_mismatch
-from tl_project.runtime import warn
 from tl_project.transforms import (
     IMAGENET,
     CropSampler,
@@ -52,9 +51,6 @@ from tl_project.transforms import (
     resized_crops,
     train_transform,
 )
-
-# What a stage did not do when unusable images stop it.
-UNDONE = {"fit": "trained", "validate": "validated", "test": "tested", "predict": "predicted"}
 
 
 def default_num_workers() -> int:
@@ -152,7 +148,7 @@ class ImageDataModule(L.LightningDataModule):
         elif (self.root is None or not self.root.is_dir()) and expected is not None:
             return list(expected)  # e.g. predict on another machine: the folder is checked in setup
         else:
-            found = self._folder_classes()
+            found = folder_classes(self.root)
         if expected is not None and list(expected) != found:
             raise class_mismatch(list(expected), found, f" in {self.root}")
         return found
@@ -163,26 +159,6 @@ class ImageDataModule(L.LightningDataModule):
         if self.root is None:
             raise UserError(f"--data.dataset {self.dataset} needs --data.root: where it is stored or goes.")
         return self.root
-
-    def _split_dirs(self) -> dict[str, Path]:
-        """The folders of the splits that have one: `root/train` etc., or `root` alone as train."""
-        if self.root is None or not self.root.is_dir():
-            raise UserError(
-                f"Image folder {self.root} does not exist. Pass --data.root DIR with "
-                "DIR/<class>/*.jpg or DIR/{train,val,test}/<class>/*.jpg, or a named --data.dataset."
-            )
-        if (self.root / "train").is_dir():
-            return {s: self.root / s for s in SPLITS if (self.root / s).is_dir()}
-        return {"train": self.root}
-
-    def _folder_classes(self) -> list[str]:
-        train = self._split_dirs()["train"]
-        names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not names:
-            raise UserError(
-                f"No class folders in {train}. Put each class's images in its own folder: {train}/<class>/*.jpg."
-            )
-        return names
 
     # -- data, built in setup() --
 
@@ -198,7 +174,9 @@ class ImageDataModule(L.LightningDataModule):
         if isinstance(preprocessing, Preprocessing):
             self.preprocessing = preprocessing
         if stage == "predict":
-            paths = self._usable({"predict": [(p, 0) for p in self._predict_paths()]}, ["images"], stage)["predict"]
+            paths = self._usable({"predict": [(p, 0) for p in predict_paths(self.predict_dir)]}, ["images"], stage)[
+                "predict"
+            ]
             self.datasets["predict"] = PredictDataset([p for p, _ in paths], self._eval_transform())
             return
         if "train" not in self.datasets:
@@ -239,82 +217,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def folder_splits(self) -> dict[str, list[tuple[Path, int]]]:
         """(path, label) samples of train, val and test from the image folder."""
-        dirs = self._split_dirs()
-        samples = {split: self._folder_samples(folder, split == "train") for split, folder in dirs.items()}
-        # Splits without a folder of their own are carved out of train.
-        carve = [s for s in ("val", "test") if s not in samples]
-        fractions = [self.val_split if s == "val" else self.test_split for s in carve]
-        train = samples["train"]
-        parts = stratified_split([label for _, label in train], fractions, self.seed)
-        samples["train"] = [train[i] for i in parts[0]]
-        for split, indices in zip(carve, parts[1:], strict=True):
-            samples[split] = [train[i] for i in indices]
-        return samples
+        return folder_splits(self.root, self.class_names, self.val_split, self.test_split, self.seed)
 
     def check(self, splits: dict[str, list[tuple[Path, int]]], class_names: list[str]) -> DataReport:
         """Decode every image of `splits` once and report problems, warnings and class counts."""
         return check_images(splits, class_names, self.max_image_pixels, workers=max(1, self.num_workers))
 
-    def _usable(
-        self, splits: dict[str, list[tuple[Path, int]]], class_names: list[str], stage: str
-    ) -> dict[str, list[tuple[Path, int]]]:
-        """`splits` without unusable images, by `on_bad_image`: stop on any, or skip them and say which."""
-        report = self.check(splits, class_names)
-        if report.problems and self.on_bad_image == "error":
-            raise UserError(
-                f"{len(report.problems)} unusable images; nothing was {UNDONE.get(stage, 'run')}:\n"
-                + "\n".join(map(str, report.problems))
-                + "\nRemove or replace them, or pass --data.on_bad_image skip to leave them out."
-            )
-        notes = []
-        if report.problems:
-            notes += [f"Skipping {len(report.problems)} unusable images (--data.on_bad_image skip):"]
-            notes += [str(finding) for finding in report.problems]
-        if report.warnings:
-            kinds = sorted({f.kind for f in report.warnings})
-            notes.append(
-                f"{len(report.warnings)} data warnings ({', '.join(kinds)}); "
-                "python -m tl_project check with the same --data options lists them."
-            )
-        if notes:
-            warn("\n".join(notes))
-        bad = report.bad_paths
-        return {split: [(p, label) for p, label in samples if p not in bad] for split, samples in splits.items()}
-
-    def _folder_samples(self, folder: Path, is_train: bool) -> list[tuple[Path, int]]:
-        known = set(self.class_names)
-        extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in known and p.name[0] != ".")
-        if extra:
-            raise UserError(
-                f"{folder} has class folders {extra} that are not among the classes {self.class_names}. "
-                "Every split must use the class folders of train."
-            )
-        samples = []
-        for label, name in enumerate(self.class_names):
-            class_dir = folder / name
-            images = list_images(class_dir) if class_dir.is_dir() else []
-            if not images and is_train:
-                raise UserError(
-                    f"Class folder {class_dir} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}). "
-                    "Add images or remove the folder."
-                )
-            samples += [(path, label) for path in images]
-        return samples
-
-    def _predict_paths(self) -> list[Path]:
-        if self.predict_dir is None:
-            raise UserError("predict needs images: pass --data.predict_dir DIR (or one image file).")
-        target = Path(self.predict_dir).expanduser()
-        if target.is_file():
-            if not is_image_file(target):
-                raise UserError(f"{target} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-            return [target]
-        if not target.is_dir():
-            raise UserError(f"predict_dir {target} does not exist. Pass an existing folder or image file.")
-        paths = list_images(target)
-        if not paths:
-            raise UserError(f"No images in {target} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        return paths
+    def _usable(self, splits: Splits, class_names: list[str], stage: str) -> Splits:
+        """`splits` without unusable images, by `on_bad_image` (see `checks.usable`)."""
+        return usable(splits, self.check(splits, class_names), self.on_bad_image, stage)
 
     @property
     def predict_paths(self) -> list[Path]:
