@@ -96,21 +96,32 @@ def _fit_frozen(model: Any, image_folder: Path, tmp_path: Path, epochs: int, ima
     return data
 
 
-def test_feature_cache_computes_once_then_hits_and_trains_the_same(image_folder: Path, tmp_path: Path) -> None:
+def test_feature_cache_computes_once_then_hits_and_trains_the_same(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tl_project import TransferLearningModel
+    from tl_project.data.datasets import FolderDataset
 
-    def fit(cache: bool) -> tuple[TransferLearningModel, list[int]]:
+    loads: list[int] = []
+    load = FolderDataset.load
+    monkeypatch.setattr(FolderDataset, "load", lambda self, index: (loads.append(index), load(self, index))[1])
+
+    def fit(cache: bool) -> tuple[TransferLearningModel, list[int], list[int]]:
         torch.manual_seed(0)
         model = TransferLearningModel(3, backbone="resnet18", weights=None, finetune="head", cache_features=cache)
         calls: list[int] = []
         model.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+        loads.clear()
         _fit_frozen(model, image_folder, tmp_path, epochs=3)
-        return model, calls
+        return model, calls, sorted(loads)
 
-    cached, cached_calls = fit(cache=True)
-    plain, plain_calls = fit(cache=False)
+    cached, cached_calls, cached_loads = fit(cache=True)
+    plain, plain_calls, plain_loads = fit(cache=False)
     assert cached_calls == [4] * 6  # one pass over the 24 training images, before the first epoch
+    assert cached_loads == list(range(24))  # ... which reads each image once; the epochs read none
     assert plain_calls == [4] * 18  # 6 batches in each of 3 epochs
+    assert plain_loads == sorted(list(range(24)) * 3)
+    # Same shuffling, batches and order: the same head, to the bit.
     assert torch.equal(cached.head.weight, plain.head.weight)
 
 

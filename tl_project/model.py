@@ -214,13 +214,15 @@ class TransferLearningModel(L.LightningModule):
                     self._features[indices] = self.backbone(images).float()
 
     def on_fit_start(self) -> None:
-        if self.hparams["cache_features"]:
-            datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
-            if self.finetune != "head" or getattr(datamodule, "augment", True):
-                raise UserError(
-                    "model.cache_features reuses the backbone's features, so they must not change: "
-                    "pass --model.finetune head and --data.augment false."
-                )
+        datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
+        if self.hparams["cache_features"] and (self.finetune != "head" or getattr(datamodule, "augment", True)):
+            raise UserError(
+                "model.cache_features reuses the backbone's features, so they must not change: "
+                "pass --model.finetune head and --data.augment false."
+            )
+        if hasattr(datamodule, "train_labels_only"):
+            # With the cache, training epochs look features up by index: they need no image.
+            datamodule.train_labels_only = bool(self.hparams["cache_features"])
         ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         needs_flag = self.finetune == "gradual" and self.trainer.world_size > 1 and ddp_kwargs is not None
         if needs_flag and not ddp_kwargs.get("find_unused_parameters"):  # type: ignore[union-attr]

@@ -34,6 +34,10 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> tuple[Any, int]:
         raise NotImplementedError
 
+    def target(self, index: int) -> int:
+        """The label of item `index`, without loading its image."""
+        raise NotImplementedError
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, ...]:
         """(transformed image, target, index); the index finds the file again (reports, predictions)."""
         if not isinstance(item, tuple):
@@ -66,6 +70,9 @@ class FolderDataset(ImageDataset):
         path, label = self.samples[index]
         return load_image(path), label
 
+    def target(self, index: int) -> int:
+        return self.samples[index][1]
+
     def describe(self, index: int) -> str:
         return str(self.samples[index][0])
 
@@ -82,6 +89,9 @@ class PredictDataset(ImageDataset):
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         return load_image(self.paths[index]), -1
+
+    def target(self, index: int) -> int:
+        return -1
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
@@ -108,10 +118,31 @@ class TensorImageDataset(ImageDataset):
         image = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
         return image, int(self.labels[index])
 
+    def target(self, index: int) -> int:
+        return int(self.labels[index])
+
     def item(self, index: int) -> tuple[Any, ...]:
         image, target = self.load(index)
         image, params = self.transform(image)
         return image.contiguous(), target, index, params
+
+
+class LabelsOnly(Dataset):
+    """`dataset`'s items without their images: (empty tensor, target, index), in the same order.
+
+    For epochs that look features up by index (the feature cache): the same sampler and
+    batches as the image epochs, and no image is read.
+    """
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        index = item[1] if isinstance(item, tuple) else item
+        return torch.empty(0, dtype=torch.uint8), self.dataset.target(index), index
 
 
 class EpochSampler(DistributedSampler):

@@ -37,7 +37,14 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from tl_project.checks import DataReport, check_images, usable
-from tl_project.data.datasets import EpochSampler, FolderDataset, ImageDataset, PredictDataset, TensorImageDataset
+from tl_project.data.datasets import (
+    EpochSampler,
+    FolderDataset,
+    ImageDataset,
+    LabelsOnly,
+    PredictDataset,
+    TensorImageDataset,
+)
 from tl_project.data.folders import Splits, folder_classes, folder_splits, predict_paths
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, stratified_split
@@ -134,6 +141,8 @@ class ImageDataModule(L.LightningDataModule):
         self.datasets: dict[str, ImageDataset] = {}
         # The model's (its weights' preset), taken in setup(); set it before setup() without a Trainer.
         self.preprocessing = IMAGENET
+        # Training batches without images (the model looks their features up): set by the model.
+        self.train_labels_only = False
 
     @property
     def num_classes(self) -> int:
@@ -237,7 +246,11 @@ class ImageDataModule(L.LightningDataModule):
     # -- loaders --
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        dataset = self.datasets[split]
+        dataset: ImageDataset | LabelsOnly = self.datasets[split]
+        labels_only = train and self.train_labels_only
+        if labels_only:
+            dataset = LabelsOnly(self.datasets[split])  # same sampler and batches, no image read
+        workers = 0 if labels_only else self.num_workers
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler: Sampler | None = None
@@ -252,8 +265,8 @@ class ImageDataModule(L.LightningDataModule):
             sampler=sampler,
             # A last training batch of one image breaks BatchNorm: drop the remainder.
             drop_last=train and math.ceil(len(dataset) / world) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
         )
 
@@ -261,6 +274,8 @@ class ImageDataModule(L.LightningDataModule):
         """uint8 images on the device to normalised floats; in-memory images are cropped,
         resized and flipped here too, by the params their item carries."""
         images, targets, indices, *params = batch
+        if images.ndim == 2:  # LabelsOnly items: nothing to prepare
+            return images, targets, indices
         if params:
             return resized_crops(images, params[0], self.image_size, self.preprocessing), targets, indices
         return normalize(images, self.preprocessing), targets, indices
