@@ -49,7 +49,7 @@ from tl_project.data import ImageDataModule
 from tl_project.data.datasets import FolderDataset, TensorImageDataset
 from tl_project.data.images import list_images
 from tl_project.model import TransferLearningModel
-from tl_project.runtime import cpu_has_native_bf16, fast_precision
+from tl_project.runtime import cpu_has_native_bf16, default_num_workers, fast_precision
 from tl_project.transforms import IMAGENET_MEAN, IMAGENET_STD, CropSampler, train_transform
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -188,7 +188,7 @@ def main() -> None:
         download=False,
         image_size=args.image_size,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=default_num_workers(device == "cuda") if args.num_workers is None else args.num_workers,
     )
     data.setup("fit")
     data.setup("test")

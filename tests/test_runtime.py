@@ -168,3 +168,23 @@ def test_fit_test_predict_export_in_bf16_on_every_machine(
         assert float(b["probability"]) == pytest.approx(float(c["probability"]), abs=1e-4)
         # bf16 keeps 8 significant bits (about 0.4 % per rounding): close, not equal.
         assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=0.05)
+
+
+def test_loader_workers_follow_the_device_unless_given(image_folder: Path) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    from tl_project.data import ImageDataModule
+
+    cores = runtime.usable_cores()
+    assert runtime.default_num_workers(on_gpu=False) == 1
+    assert runtime.default_num_workers(on_gpu=True) == min(8, cores)
+    data = ImageDataModule(dataset=None, root=str(image_folder))
+    assert data.num_workers == 1  # no Trainer yet: a CPU
+    data.trainer = SimpleNamespace(accelerator=CUDAAccelerator())  # type: ignore[assignment]
+    assert data.num_workers == min(8, cores)
+    data.trainer = SimpleNamespace(accelerator=CPUAccelerator())  # type: ignore[assignment]
+    assert data.num_workers == 1
+    assert ImageDataModule(dataset=None, root=str(image_folder), num_workers=3).num_workers == 3
+    assert data.hparams["num_workers"] is None  # the choice is made per run, not saved

@@ -26,7 +26,6 @@ its weights), taken in `setup()` from the Trainer's model.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +48,7 @@ from tl_project.data.folders import Splits, folder_classes, folder_splits, predi
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, stratified_split
 from tl_project.errors import UserError, class_mismatch
+from tl_project.runtime import default_num_workers, usable_cores
 from tl_project.transforms import (
     IMAGENET,
     CropSampler,
@@ -58,11 +58,6 @@ from tl_project.transforms import (
     resized_crops,
     train_transform,
 )
-
-
-def default_num_workers() -> int:
-    """Loader workers per process: the usable cores, at most 8."""
-    return min(8, len(os.sched_getaffinity(0)))
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -92,7 +87,7 @@ class ImageDataModule(L.LightningDataModule):
             root: The image folder, or where a named dataset is stored or downloaded; null for none (predict only).
             download: Download a named dataset into root when it is not there.
             batch_size: Images per batch and per device.
-            num_workers: Loader worker processes per device; null picks the usable cores (at most 8).
+            num_workers: Loader worker processes per device; null picks one on a CPU, the usable cores (at most 8) on a GPU.
             image_size: Side of the square images the model sees, in pixels.
             min_crop_scale: Smallest area fraction of a random training crop: 0.08 as for ImageNet; raise it for small or centred objects.
             augment: Random crops and flips for training; false trains on the evaluation view (model.cache_features needs it).
@@ -125,7 +120,7 @@ class ImageDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser() if root is not None else None
         self.download = download
         self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self._num_workers = num_workers
         self.image_size = image_size
         if not 0.0 < min_crop_scale <= 1.0:
             raise UserError(f"data.min_crop_scale is {min_crop_scale}; it must be in (0, 1].")
@@ -143,6 +138,14 @@ class ImageDataModule(L.LightningDataModule):
         self.preprocessing = IMAGENET
         # Training batches without images (the model looks their features up): set by the model.
         self.train_labels_only = False
+
+    @property
+    def num_workers(self) -> int:
+        """Loader workers per process: --data.num_workers, else chosen for the device (`runtime.py`)."""
+        if self._num_workers is not None:
+            return self._num_workers
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return default_num_workers(on_gpu)
 
     @property
     def num_classes(self) -> int:
@@ -230,7 +233,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def check(self, splits: dict[str, list[tuple[Path, int]]], class_names: list[str]) -> DataReport:
         """Decode every image of `splits` once and report problems, warnings and class counts."""
-        return check_images(splits, class_names, self.max_image_pixels, workers=max(1, self.num_workers))
+        return check_images(splits, class_names, self.max_image_pixels, workers=min(8, usable_cores()))
 
     def _usable(self, splits: Splits, class_names: list[str], stage: str) -> Splits:
         """`splits` without unusable images, by `on_bad_image` (see `checks.usable`)."""
