@@ -62,11 +62,14 @@ def machine() -> dict[str, Any]:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    bf16 = cpu_has_native_bf16()
     return {
+        "kind": gpu or f"{cpu}, {'with' if bf16 else 'without'} native bf16",
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)),
-        "cpu_native_bf16": cpu_has_native_bf16(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_native_bf16": bf16,
+        "gpu": gpu,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "lightning": L.__version__,
@@ -310,7 +313,8 @@ def main() -> None:
         )
     width = max(map(len, [*results, *ratios]))
     print(
-        f"\nResNet-50, {args.image_size} px, batch {args.batch_size}, {args.steps} timed steps, {device}, {workers} workers"
+        f"\n{machine()['kind']}: ResNet-50, {args.image_size} px, batch {args.batch_size}, "
+        f"{args.steps} timed steps, {device}, {workers} workers"
     )
     for name, value in results.items():
         unit = "" if "seconds" in name else " images/s"
