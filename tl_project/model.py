@@ -23,9 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-)
+from torchmetrics.classification import MulticlassAccuracy
 
 from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
