@@ -129,6 +129,27 @@ def test_test_needs_only_the_checkpoint(
     assert float(printed[0]) == pytest.approx(100 * correct / len(data.datasets["test"]), abs=0.006)
 
 
+def test_test_and_predict_with_flip_tta(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runs = ["--trainer.default_root_dir", str(tmp_path / "runs"), *QUIET]
+    main(["test", "--ckpt_path", str(trained["best"]), "--model.tta", "flip", *runs])
+    assert ACCURACY_LINE.search(capfd.readouterr().out)
+    main(
+        [
+            "predict",
+            "--ckpt_path",
+            str(trained["best"]),
+            "--model.tta",
+            "flip",
+            "--data.predict_dir",
+            str(trained["root"]),
+            *runs,
+        ]
+    )
+    assert len(read_csv(run_dirs(tmp_path / "runs")[-1] / "predictions.csv")) == 30
+
+
 def test_explicit_flags_override_the_checkpoint(trained: dict[str, Path], tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     main(

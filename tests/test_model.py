@@ -76,6 +76,19 @@ def test_freeze_batchnorm_trains_the_backbone_with_fixed_statistics() -> None:
     assert not model.batchnorm_trains and _model().batchnorm_trains
 
 
+def test_flip_tta_averages_each_image_with_its_mirror() -> None:
+    model, plain = _model(tta="flip").eval(), _model().eval()
+    plain.load_state_dict(model.state_dict())
+    half = torch.randn(2, 3, 32, 16)
+    symmetric = torch.cat([half, half.flip(-1)], dim=-1)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # A symmetric image is its own mirror: TTA changes nothing.
+        assert torch.equal(model.evaluate(symmetric), plain.evaluate(symmetric))
+        assert torch.allclose(model.evaluate(images), (plain(images) + plain(images.flip(-1))) / 2, atol=1e-6)
+        assert not torch.allclose(model.evaluate(images), plain.evaluate(images), atol=1e-4)
+
+
 def test_injected_optimizer_and_scheduler() -> None:
     model = _model(
         optimizer=functools.partial(torch.optim.AdamW, lr=0.01),

@@ -75,6 +75,7 @@ class TransferLearningModel(L.LightningModule):
         channels_last: bool = True,
         cache_features: bool = False,
         compile: bool = False,
+        tta: Literal["none", "flip"] = "none",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -93,6 +94,7 @@ class TransferLearningModel(L.LightningModule):
             channels_last: Run convolutions in channels-last memory format (faster on most CPUs and GPUs).
             cache_features: With finetune head and data.augment false: compute the frozen backbone's features once, before the first epoch, and train the head on them.
             compile: Compile the backbone with torch.compile (minutes of compiling first; see README, Performance).
+            tta: Test-time augmentation in test and predict: flip averages the logits of each image and its mirror image; none.
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
             lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
         """
@@ -234,9 +236,10 @@ class TransferLearningModel(L.LightningModule):
     def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) of a batch; logs the stage's loss and metrics."""
         images, labels, indices = batch
-        logits = (
-            self._cached_logits(images, indices) if stage == "train" and self._features is not None else self(images)
-        )
+        if stage == "train" and self._features is not None:
+            logits = self._cached_logits(images, indices)
+        else:
+            logits = self.evaluate(images) if stage == "test" else self(images)
         loss = self.loss_fn(logits, labels)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         metrics.update(logits, labels)
@@ -295,9 +298,16 @@ class TransferLearningModel(L.LightningModule):
         accuracy = self.test_metrics["acc"].compute()  # synchronised across processes
         say(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
 
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for test and predict: with `tta` flip, the mean of the image's and its mirror's."""
+        logits = self(images)
+        if self.hparams.get("tta") == "flip":
+            logits = (logits + self(images.flip(-1))) / 2
+        return logits
+
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images, _, indices = batch
-        probabilities = self(images).softmax(dim=1)
+        probabilities = self.evaluate(images).softmax(dim=1)
         top_probabilities, top_classes = probabilities.topk(min(5, self.num_classes), dim=1)
         return {"index": indices, "top_classes": top_classes, "top_probabilities": top_probabilities}
 
