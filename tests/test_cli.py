@@ -314,10 +314,10 @@ def test_predict_with_an_undecodable_image_says_nothing_was_predicted(
 
 
 def test_lightning_notices_that_ask_nothing_are_silent(
-    trained: dict[str, Path], caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    trained: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     with caplog.at_level(logging.INFO):
-        main(["validate", "--ckpt_path", str(trained["best"]), *QUIET])
+        main(["validate", "--ckpt_path", str(trained["best"]), "--trainer.default_root_dir", str(tmp_path), *QUIET])
     assert "GPU available" in caplog.text  # Lightning's own log is captured here
     assert "Tip:" not in caplog.text and "Seed set to" not in caplog.text
     assert "Precision" not in capfd.readouterr().out  # given by the tests' environment, so not chosen
