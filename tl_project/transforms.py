@@ -105,10 +105,10 @@ def normalize(images: torch.Tensor, preprocessing: Preprocessing = IMAGENET) -> 
 
 
 def eval_box(
-    height: int, width: int, image_size: int, crop_pct: float = CROP_RATIO
+    height: int, width: int, image_size: int, preprocessing: Preprocessing = IMAGENET
 ) -> tuple[float, float, float, float]:
     """The source box (x1, y1, x2, y2) that `eval_transform`'s resize + center crop shows."""
-    short = round(image_size / crop_pct)
+    short = preprocessing.resize_size(image_size)
     long = int(short * max(height, width) / min(height, width))
     new_h, new_w = (long, short) if width <= height else (short, long)
     top, left = round((new_h - image_size) / 2), round((new_w - image_size) / 2)
@@ -124,17 +124,21 @@ class CropSampler:
     """
 
     def __init__(
-        self, image_size: int, min_crop_scale: float = 0.08, train: bool = True, crop_pct: float = CROP_RATIO
+        self,
+        image_size: int,
+        min_crop_scale: float = 0.08,
+        train: bool = True,
+        preprocessing: Preprocessing = IMAGENET,
     ) -> None:
         self.image_size = image_size
         self.scale = (min_crop_scale, 1.0)
         self.train = train
-        self.crop_pct = crop_pct
+        self.preprocessing = preprocessing
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = image.shape[-2:]
         if not self.train:
-            return image, torch.tensor([*eval_box(height, width, self.image_size, self.crop_pct), 0.0])
+            return image, torch.tensor([*eval_box(height, width, self.image_size, self.preprocessing), 0.0])
         top, left, h, w = v1.RandomResizedCrop.get_params(image, list(self.scale), list(CROP_RATIOS))
         flip = float(torch.rand(1).item() < 0.5)
         return image, torch.tensor([left, top, left + w, top + h, flip], dtype=torch.float32)

@@ -206,7 +206,7 @@ class ImageDataModule(L.LightningDataModule):
             images, labels = read_named(self.dataset, self.named_root, train=True)
             rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
             test_images, test_labels = read_named(self.dataset, self.named_root, train=False)
-            eval_crop = CropSampler(self.image_size, train=False, crop_pct=self.preprocessing.crop_pct)
+            eval_crop = CropSampler(self.image_size, train=False, preprocessing=self.preprocessing)
             train_crop = CropSampler(self.image_size, self.min_crop_scale) if self.augment else eval_crop
             self.datasets = {
                 "train": TensorImageDataset(images[rest], labels[rest], train_crop, self.seed),
