@@ -47,9 +47,11 @@ def image_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty torch cache, and a downloader that fails like an offline machine."""
+    """An empty torch cache and data-check cache, and a downloader that fails like an offline machine."""
     torch_home = tmp_path_factory.mktemp("torch_home")
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    # The data check's manifests go to a per-test cache too.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
     def no_network(url: str, *args: object, **kwargs: object) -> None:
         raise urllib.error.URLError(f"offline test: no network for {url}")

@@ -66,3 +66,16 @@ def exit_code(args: list[str]) -> int:
     with pytest.raises(SystemExit) as raised:
         main(args)
     return int(raised.value.code or 0)
+
+
+RECORD_ENV = "TL_PROJECT_TEST_RECORD"
+
+
+class RecordBatches(Callback):
+    """Appends `epoch: index index ...` per training batch to the file named by TL_PROJECT_TEST_RECORD."""
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        with open(os.environ[RECORD_ENV], "a") as out:
+            out.write(f"{trainer.current_epoch}: {' '.join(map(str, batch[2].tolist()))}\n")

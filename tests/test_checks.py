@@ -11,7 +11,7 @@ from PIL import Image, ImageFile
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, main
-from tl_project.checks import check_images, inspect_image
+from tl_project.checks import check_images, inspect_file
 from tl_project.errors import UserError
 
 
@@ -62,10 +62,10 @@ def test_oversized_image_is_refused_without_decoding(tmp_path: Path, monkeypatch
     decoded: list[object] = []
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real_load(self))
-    problem, _, _ = inspect_image(path, max_pixels=5000)
+    problem, _ = inspect_file(path, max_pixels=5000).findings(path, max_pixels=5000)
     assert problem is not None and problem.kind == "too large" and "100 x 100" in problem.detail
     assert decoded == []
-    assert inspect_image(path, max_pixels=10_000)[0] is None and decoded
+    assert inspect_file(path, max_pixels=10_000).findings(path, 10_000)[0] is None and decoded
 
 
 def test_check_images_counts_classes_per_split(tmp_path: Path) -> None:
@@ -93,6 +93,7 @@ def test_skip_policy_leaves_them_out_and_says_which(tmp_path: Path, capfd: pytes
     root = _messy_folder(tmp_path / "images")
     data = _data(root, on_bad_image="skip")
     data.setup("fit")
+    data.setup("test")
     used = {p for split in ("train", "val", "test") for p, _ in data.datasets[split].samples}  # type: ignore[attr-defined]
     assert len(used) == 20 and not {"zero.png", "notes.jpg", "truncated.png"} & {p.name for p in used}
     err = capfd.readouterr().err
@@ -126,3 +127,51 @@ def test_check_command_reports_and_fails_on_problems(tmp_path: Path, capfd: pyte
     config.write_text(f"trainer: {{max_epochs: 1}}\ndata: {{dataset: null, root: {clean}}}\n")
     assert exit_code(["check", "--config", str(config)]) == 0
     assert "No problems found." in capfd.readouterr().out
+
+
+# --- how thoroughly: data.check ---
+
+
+def test_header_check_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _messy_folder(tmp_path / "images")
+    decoded: list[object] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real_load(self))
+    data = _data(root, check="header")
+    report = data.check(data.folder_splits(), data.class_names)
+    assert decoded == []
+    # Empty and non-image files show in the header; a truncated image does not.
+    assert {(f.kind, f.path.name) for f in report.problems} == {("empty", "zero.png"), ("unreadable", "notes.jpg")}
+    assert {f.kind for f in report.warnings} == {"extension"}  # no content hashes: no duplicates
+    assert "Headers only" in report.format(data.class_names)
+
+
+@pytest.mark.parametrize("level", ["off", "header"])
+def test_images_that_fail_to_load_are_skipped_with_a_summary(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], level: str
+) -> None:
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
+    whole = (root / "fish" / "000.png").read_bytes()
+    for name in ("cat", "dog", "fish"):
+        (root / name / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    args = fit_args(root, tmp_path / "runs", "--data.check", level, "--trainer.max_epochs", "2")
+    main(args)
+    err = capfd.readouterr().err
+    assert "Left out 3 images that could not be loaded (--data.check " + level in err
+    assert err.count("truncated.png") == 3 and "train:" in err
+    logged = read_csv(run_dirs(tmp_path / "runs")[0] / "metrics.csv")
+    assert any(row.get("val/acc") for row in logged)  # trained and validated to the end
+
+
+def test_predict_with_the_check_off_leaves_unreadable_images_out(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    photos = make_image_folder(tmp_path / "photos", {"x": (9, 9, 9)}, per_class=3)
+    (photos / "x" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    main(fit_args(make_image_folder(tmp_path / "images", COLORS, per_class=6), tmp_path / "runs"))
+    runs = ["--trainer.default_root_dir", str(tmp_path / "runs")]
+    best = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "best.ckpt"
+    main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos), "--data.check", "off", *runs])
+    rows = read_csv(run_dirs(tmp_path / "runs")[-1] / "predictions.csv")
+    assert sorted(Path(r["path"]).name for r in rows) == ["000.png", "001.png", "002.png"]
+    assert "Left out 1 image that could not be loaded" in capfd.readouterr().err

@@ -324,7 +324,7 @@ def test_lightning_notices_that_ask_nothing_are_silent(
 
 
 def test_private_lightning_members_in_use_still_exist() -> None:
-    """Lightning 2.6 offers no public way for these; an upgrade that changes them must fail here, loudly."""
+    """Lightning 2.6 and LitData 0.2.76 offer no public way for these; an upgrade that changes them must fail here, loudly."""
     import inspect as inspect_module
 
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -341,6 +341,14 @@ def test_private_lightning_members_in_use_still_exist() -> None:
     assert ModelCheckpoint()._last_global_step_saved == 0
     # model.py: whether DDP was told about unused parameters (finetune gradual).
     assert DDPStrategy(find_unused_parameters=True)._ddp_kwargs == {"find_unused_parameters": True}
+    # data/streaming.py: LitData's reader/writer of single files on object storage (the shards' metadata).
+    from litdata.streaming.fs_provider import _get_fs_provider
+
+    assert callable(getattr(_get_fs_provider("s3://bucket/x"), "upload_file", None))
+    # data/streaming.py: LitData's loader says whether it resumes from a saved position.
+    from litdata import StreamingDataLoader
+
+    assert "self.restore = " in inspect_module.getsource(StreamingDataLoader.__init__)
 
 
 def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 from collections import Counter
 from pathlib import Path
@@ -61,6 +62,7 @@ def test_classes_known_right_after_the_constructor(image_folder: Path) -> None:
 def test_flat_folder_split_into_train_val_test(image_folder: Path) -> None:
     data = _folder_module(image_folder, val_split=0.2, test_split=0.2)
     data.setup("fit")
+    data.setup("test")
     sizes = {split: len(data.datasets[split]) for split in ("train", "val", "test")}
     assert sizes == {"train": 18, "val": 6, "test": 6}
     assert Counter(_labels(data.datasets["test"])) == {0: 2, 1: 2, 2: 2}
@@ -75,6 +77,7 @@ def test_split_folders_are_used_and_missing_ones_carved_from_train(tmp_path: Pat
     make_image_folder(tmp_path / "test", COLORS, per_class=3)
     data = _folder_module(tmp_path, val_split=0.2)
     data.setup("fit")
+    data.setup("test")
     assert len(data.datasets["test"]) == 9
     assert all("/test/" in str(p) for p, _ in data.datasets["test"].samples)  # type: ignore[attr-defined]
     assert len(data.datasets["val"]) == 6 and len(data.datasets["train"]) == 24
@@ -95,8 +98,11 @@ def test_batches_are_normalised_rgb_at_image_size(image_folder: Path) -> None:
 def test_non_image_files_are_ignored(image_folder: Path) -> None:
     for junk in ("notes.txt", ".DS_Store", "Thumbs.db", "._000.png"):
         (image_folder / "cat" / junk).write_bytes(b"not an image")
+    (image_folder / "cat" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(image_folder / "cat" / "000.png", image_folder / "cat" / ".ipynb_checkpoints" / "000.png")
     data = _folder_module(image_folder)
     data.setup("fit")
+    data.setup("test")
     assert sum(len(data.datasets[split]) for split in ("train", "val", "test")) == 30
 
 

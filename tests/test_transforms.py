@@ -119,7 +119,7 @@ def test_default_weights_preprocess_as_torchvision_says(standin_cache: Path) -> 
 
     folder = make_image_folder(standin_cache.parents[3] / "images", {"a": (200, 30, 90)}, per_class=2, size=300)
     data = ImageDataModule(dataset=None, root=str(folder), image_size=224, num_workers=0, val_split=0.5, test_split=0)
-    data.trainer = SimpleNamespace(lightning_module=model, is_global_zero=True)  # type: ignore[assignment]
+    data.trainer = SimpleNamespace(lightning_module=model, is_global_zero=True, num_devices=1)  # type: ignore[assignment]
     data.setup("validate")
     dataset = data.datasets["val"]  # the evaluation view
     image, _ = dataset.load(0)

@@ -94,6 +94,8 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if prediction is None:  # a batch whose images all failed to load
+            return
         for index, classes, probabilities in zip(
             prediction["index"].tolist(),
             prediction["top_classes"].tolist(),

@@ -1,4 +1,4 @@
-"""The data check: decode every image once, before training, and report what is wrong.
+"""The data check: look at every image once, before training, and report what is wrong.
 
 Problems make an image unusable and fall under `data.on_bad_image`:
 - `empty`: a zero-byte file;
@@ -11,6 +11,14 @@ Warnings do not stop anything but are worth knowing:
 - `duplicate`: the same bytes twice within a split;
 - `leakage`: the same bytes in two splits (a test image the model trained on).
 
+How thoroughly (`data.check`): `full` decodes every image and hashes its bytes;
+`header` reads only the header (format and size: finds empty, too large, non-image
+files, not truncated ones, and no duplicates); `off` looks at nothing, and images that
+fail to load are skipped then, with a summary (`ImageDataModule`). What a check found
+is kept in a manifest (`data/manifest.py`), so unchanged files are not looked at
+again; the files to look at are shared out between the DDP processes and, within
+each, between worker processes.
+
 `python -m tl_project check --data.root DIR` prints the full report with class counts.
 """
 
@@ -19,16 +27,18 @@ from __future__ import annotations
 import hashlib
 import io
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import astuple, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from tl_project.data.images import EXTENSION_FORMATS
+from tl_project.data.manifest import Manifest, file_key
 from tl_project.errors import UserError
-from tl_project.runtime import warn
+from tl_project.runtime import gather_objects, rank_and_world, warn
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class DataReport:
     problems: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    level: str = "full"
 
     @property
     def bad_paths(self) -> set[Path]:
@@ -73,69 +84,154 @@ class DataReport:
             lines += [f"Warnings ({len(self.warnings)}):", *map(str, self.warnings)]
         if not self.problems and not self.warnings:
             lines.append("No problems found.")
+        if self.level == "header":
+            lines.append("Headers only (--data.check header): truncated images, duplicates and leakage not checked.")
         return "\n".join(lines)
 
 
-def inspect_image(path: Path, max_pixels: int) -> tuple[Finding | None, Finding | None, str]:
-    """Decode `path` once: (problem or None, warning or None, sha256 of its bytes)."""
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if not data:
-        return Finding("empty", path, "0 bytes"), None, digest
+@dataclass(frozen=True)
+class Inspection:
+    """What one look at one file found: the problem (None when usable) and its detail, the
+    size and format from the header, and the content hash (full checks only)."""
+
+    problem: str | None = None
+    detail: str = ""
+    width: int = 0
+    height: int = 0
+    format: str | None = None
+    digest: str | None = None
+
+    def findings(self, path: Path, max_pixels: int) -> tuple[Finding | None, Finding | None]:
+        """(problem or None, warning or None) of the file at `path` under the pixel limit."""
+        if self.problem:
+            return Finding(self.problem, path, self.detail), None
+        if self.width * self.height > max_pixels:
+            detail = f"{self.width} x {self.height} pixels, over the limit of {max_pixels} (--data.max_image_pixels)"
+            return Finding("too large", path, detail), None
+        expected = EXTENSION_FORMATS.get(path.suffix.lower())
+        if expected and self.format and self.format != expected:
+            return None, Finding("extension", path, f"holds a {self.format} image, not {expected}")
+        return None, None
+
+    def stale(self, max_pixels: int) -> bool:
+        """Whether a saved inspection must be done again: refused as too large under a lower limit."""
+        return self.problem == "too large" and self.width * self.height <= max_pixels
+
+
+def inspect_file(path: Path, level: str = "full", max_pixels: int = 89_478_485) -> Inspection:
+    """Look at `path` once: its header (`header`), or decode it and hash its bytes (`full`).
+
+    An image over `max_pixels` is refused from its header, never decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        data = path.read_bytes() if level == "full" else b""
+        if (len(data) if level == "full" else path.stat().st_size) == 0:
+            return Inspection("empty", "0 bytes")
+        digest = hashlib.sha256(data).hexdigest()[:32] if level == "full" else None
+        with Image.open(io.BytesIO(data) if level == "full" else path) as image:
             width, height = image.size
+            found = Inspection(None, "", width, height, image.format, digest)
             if width * height > max_pixels:
-                detail = f"{width} x {height} pixels, over the limit of {max_pixels} (--data.max_image_pixels)"
-                return Finding("too large", path, detail), None, digest
-            found = image.format
-            image.load()
+                return Inspection("too large", f"{width} x {height} pixels, not decoded", width, height)
+            if level == "full":
+                image.load()
+            return found
     except Image.DecompressionBombError as error:
-        return Finding("too large", path, str(error)), None, digest
+        return Inspection("too large", str(error))
     except UnidentifiedImageError:
-        return Finding("unreadable", path, "not an image (no format PIL can read)"), None, digest
+        return Inspection("unreadable", "not an image (no format PIL can read)")
     except Exception as error:
-        return Finding("unreadable", path, str(error) or type(error).__name__), None, digest
-    expected = EXTENSION_FORMATS.get(path.suffix.lower())
-    if expected and found and found != expected:
-        return None, Finding("extension", path, f"holds a {found} image, not {expected}"), digest
-    return None, None, digest
+        return Inspection("unreadable", str(error) or type(error).__name__)
+
+
+# Fewer files than this are looked at in this process: starting worker processes costs more.
+PARALLEL_FROM = 256
+
+
+def inspect_files(paths: Sequence[Path], level: str, max_pixels: int, workers: int = 1) -> list[Inspection]:
+    """`inspect_file` of every path, in order: under DDP each process takes its share and the
+    results are gathered (all processes must call this, with the same paths); within a
+    process, `workers` worker processes share it."""
+    rank, world = rank_and_world()
+    share = list(paths[rank::world])
+    job = partial(inspect_file, level=level, max_pixels=max_pixels)
+    if workers > 1 and len(share) >= PARALLEL_FROM:
+        with ProcessPoolExecutor(workers) as pool:
+            mine = list(pool.map(job, share, chunksize=max(1, min(256, len(share) // (4 * workers)))))
+    else:
+        mine = [job(path) for path in share]
+    results: list[Inspection] = [Inspection()] * len(paths)
+    for part_rank, part in enumerate(gather_objects(mine)):
+        results[part_rank::world] = part
+    return results
 
 
 def check_images(
     splits: Mapping[str, Sequence[tuple[Path, int]]],
     class_names: Sequence[str],
     max_pixels: int,
+    level: str = "full",
     workers: int = 1,
+    manifest: Manifest | None = None,
+    only: Collection[str] | None = None,
 ) -> DataReport:
-    """Decode every image of every split once (in `workers` threads) and report."""
-    report = DataReport()
-    jobs = [(split, path, label) for split, samples in splits.items() for path, label in samples]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(lambda job: inspect_image(job[1], max_pixels), jobs))
+    """Check the images of the splits in `only` (all by default) and report.
+
+    With a `manifest`, files it knows unchanged are not looked at again, and it is
+    saved with what was found (by rank zero); the other splits' known content hashes
+    still reveal leakage into the checked ones."""
+    checked = [split for split in splits if only is None or split in only]
+    listed = [path for samples in splits.values() for path, _ in samples]
+    keys = {path: file_key(path) for path in listed} if manifest else {}
+    known: dict[Path, Inspection] = {}
+    if manifest:
+        for path in listed:
+            row = manifest.lookup(path, keys[path], level)
+            if row is not None and not (saved := Inspection(*row)).stale(max_pixels):
+                known[path] = saved
+    todo = sorted({path for split in checked for path, _ in splits[split] if path not in known})
+    found = dict(zip(todo, inspect_files(todo, level, max_pixels, workers), strict=True))
+    if manifest:
+        for path, inspection in found.items():
+            manifest.record(path, keys[path], level, astuple(inspection))
+        if rank_and_world()[0] == 0:
+            manifest.save(listed)
+    known |= found
+
+    report = DataReport(level=level)
+    # Content seen so far: the unchecked splits' known hashes first, for leakage.
     seen: dict[str, tuple[str, Path]] = {}
-    counts: dict[str, dict[str, int]] = {split: defaultdict(int) for split in splits}
-    for (split, path, label), (problem, warning, digest) in zip(jobs, results, strict=True):
-        counts[split][class_names[label]] += 1
-        if problem:
-            report.problems.append(problem)
-            continue
-        if warning:
-            report.warnings.append(warning)
-        if digest in seen:
-            first_split, first = seen[digest]
-            if first_split == split:
-                report.warnings.append(Finding("duplicate", path, f"same content as {first}"))
+    for split in splits:
+        if split not in checked:
+            for path, _ in splits[split]:
+                digest = known[path].digest if path in known else None
+                if digest:
+                    seen.setdefault(digest, (split, path))
+    counts: dict[str, dict[str, int]] = {split: defaultdict(int) for split in checked}
+    for split in checked:
+        for path, label in splits[split]:
+            counts[split][class_names[label]] += 1
+            problem, warning = known[path].findings(path, max_pixels)
+            if problem:
+                report.problems.append(problem)
+                continue
+            if warning:
+                report.warnings.append(warning)
+            digest = known[path].digest
+            if digest is None:
+                continue
+            if digest not in seen:
+                seen[digest] = (split, path)
+            elif seen[digest][0] == split:
+                report.warnings.append(Finding("duplicate", path, f"same content as {seen[digest][1]}"))
             else:
+                first_split, first = seen[digest]
                 report.warnings.append(Finding("leakage", path, f"({split}) same content as {first} ({first_split})"))
-        else:
-            seen[digest] = (split, path)
     report.counts = {split: dict(c) for split, c in counts.items()}
     return report
 
 
 # What a stage did not do when unusable images stop it.
-UNDONE = {"fit": "trained", "validate": "validated", "test": "tested", "predict": "predicted"}
+UNDONE = {"fit": "trained", "validate": "validated", "test": "tested", "predict": "predicted", "optimize": "written"}
 
 
 def usable(

@@ -1,4 +1,4 @@
-"""The command line: `python -m tl_project {fit,validate,test,predict,check,export}`.
+"""The command line: `python -m tl_project {fit,validate,test,predict,check,export,optimize}`.
 
 A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 
@@ -14,7 +14,8 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 - `fit` checks that the output folder is writable and has room before training (`runtime.py`);
   SIGTERM saves `last.ckpt` and exits with 143;
 - `check`: the data check of `checks.py` on its own, with the report;
-- `export` and `predict` with an `.onnx` file: see `export.py`.
+- `export` and `predict` with an `.onnx` file: see `export.py`;
+- `optimize`: an image folder as LitData shards (`data/streaming.py`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
+from tl_project.data.streaming import META, is_url, write_shards
 from tl_project.errors import UserError, user_message
 from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
 from tl_project.report import TestReport
-from tl_project.runtime import check_output_dir, choose_precision, say
+from tl_project.runtime import check_output_dir, choose_precision, say, usable_cores
 
 CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parent.parent / "configs")
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
@@ -216,12 +218,15 @@ def run_lightning(command: str, args: list[str], from_sys_argv: bool) -> None:
         TransferLearningCLI(args=[command, *args], parser_kwargs=parser_kwargs)
 
 
-def run_check(command: str, args: list[str], from_sys_argv: bool) -> None:
-    """`check`: decode every image of an image folder once and report; exit 1 on problems."""
-    parser = ArgumentParser(prog=f"{PROG} check", description=COMMANDS["check"][0])
+def data_module(command: str, args: list[str], **extra: dict[str, Any]) -> tuple[ImageDataModule, Any]:
+    """The image-folder data module of `command`'s `--data.*` options (and a config's data section),
+    with the parsed config; `extra` adds options: name -> add_argument keywords."""
+    parser = ArgumentParser(prog=f"{PROG} {command}", description=COMMANDS[command][0])
     parser.add_argument("--config", help="A tl_project config; its data section is used.")
+    for name, keywords in extra.items():
+        parser.add_argument(name, **keywords)
     parser.add_class_arguments(ImageDataModule, "data")
-    parser.set_defaults({"data.dataset": None})  # check inspects image folders: --data.root is one
+    parser.set_defaults({"data.dataset": None})  # an image folder: --data.root is one
     config = parser.parse_args(args)
     if config.config:
         section = yaml.safe_load(Path(config.config).read_text()).get("data") or {}
@@ -229,10 +234,44 @@ def run_check(command: str, args: list[str], from_sys_argv: bool) -> None:
         config = parser.parse_args(args)
     data = parser.instantiate_classes(config).data
     if data.dataset is not None:
-        raise UserError(f"check inspects image folders; pass --data.dataset null --data.root DIR (not {data.dataset}).")
-    report = data.check(data.folder_splits(), data.class_names)
+        raise UserError(
+            f"{command} reads image folders; pass --data.dataset null --data.root DIR (not {data.dataset})."
+        )
+    return data, config
+
+
+def run_check(command: str, args: list[str], from_sys_argv: bool) -> None:
+    """`check`: decode every image of an image folder once and report; exit 1 on problems."""
+    data, _ = data_module(command, args)
+    if data.check_level == "off":
+        raise UserError("check with --data.check off would look at nothing: pass --data.check full (or header).")
+    report = data.check(data.folder_splits(), data.class_names, data.root)
     say(report.format(data.class_names))
     raise SystemExit(1 if report.problems else 0)
+
+
+def run_optimize(command: str, args: list[str], from_sys_argv: bool) -> None:
+    """`optimize`: an image folder's splits (and --data.predict_dir) as LitData shards."""
+    output_help = "Where the shards go: a new or earlier shards folder, or a URL LitData writes to (s3://...)."
+    data, config = data_module(command, args, **{"--output": {"required": True, "help": output_help}})
+    output = str(config.output)
+    if not is_url(output):
+        target = Path(output).expanduser()
+        if target.exists() and any(target.iterdir()) and not (target / META).is_file():
+            raise UserError(f"{target} exists and holds other files; pass a new --output folder.")
+        target.mkdir(parents=True, exist_ok=True)
+        output = str(target)
+    data.setup("optimize")
+    splits = {split: data.datasets[split].samples for split in ("train", "val", "test")}
+    if data.predict_dir:
+        data.setup("predict")
+        splits["predict"] = [(path, -1) for path in data.predict_paths]
+    settings = {"source": str(data.root), "seed": data.seed, "val_split": data.val_split, "test_split": data.test_split}
+    sizes = write_shards(splits, data.class_names, output, data.root, usable_cores(), settings)
+    say(
+        f"Wrote {', '.join(f'{split} {n}' for split, n in sizes.items())} images to {output}. "
+        f"Use them with --data.dataset litdata --data.root {output}"
+    )
 
 
 def run_export(command: str, args: list[str], from_sys_argv: bool) -> None:
@@ -253,6 +292,10 @@ COMMANDS: dict[str, tuple[str, Runner]] = {
         run_check,
     ),
     "export": ("Export a checkpoint to ONNX or TorchScript, checked against PyTorch.", run_export),
+    "optimize": (
+        "Write an image folder's splits as LitData shards, to stream from disk or object storage.",
+        run_optimize,
+    ),
 }
 
 
@@ -271,6 +314,10 @@ QUIET_WARNINGS = (
     r"LightningCLI's args parameter is intended to run from within Python",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # LitData's loader: its dataset knows its length per process and worker; predictions carry their index.
+    r"Your `IterableDataset` has `__len__` defined",
+    r"Couldn't infer the batch indices fetched from your dataloader",
+    r"The given buffer is not writable",  # LitData reads its chunks read-only; nothing writes to them
 )
 
 

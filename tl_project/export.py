@@ -158,7 +158,7 @@ def predict_onnx(
     data.setup("predict")
     rows: dict[int, tuple[list[int], list[float]]] = {}
     for batch in data.predict_dataloader():
-        images, _, indices = data.on_after_batch_transfer(batch)
+        images, _, indices = data.on_after_batch_transfer(data.on_before_batch_transfer(batch))
         top = model.probabilities(images).topk(min(5, len(model.classes)), dim=1)
         for index, classes, probabilities in zip(
             indices.tolist(), top.indices.tolist(), top.values.tolist(), strict=True

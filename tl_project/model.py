@@ -207,6 +207,7 @@ class TransferLearningModel(L.LightningModule):
         self._features = torch.zeros(len(dataset), self.head.in_features, device=self.device)
         with torch.no_grad():
             for batch in loader:
+                batch = datamodule.on_before_batch_transfer(batch, 0)  # unreadable images out
                 images, _, indices = datamodule.on_after_batch_transfer(move_data_to_device(batch, self.device))
                 if self.hparams["channels_last"]:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -248,7 +249,9 @@ class TransferLearningModel(L.LightningModule):
         self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage != "test")
         return loss, logits
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        if not len(batch[1]):  # every image of the batch failed to load (data.check header/off)
+            return None
         if self.global_step == 0 and batch_idx == 0 and self._small_for_batchnorm(len(batch[1])):
             warn(small_batch_advice(len(batch[1])))
         loss, _ = self._shared_step(batch, "train")
@@ -287,10 +290,13 @@ class TransferLearningModel(L.LightningModule):
         )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        if len(batch[1]):
+            self._shared_step(batch, "val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
         """The batch's logits, labels and indices, for callbacks (the test report)."""
+        if not len(batch[1]):
+            return None
         _, logits = self._shared_step(batch, "test")
         return {"logits": logits.detach(), "labels": batch[1], "indices": batch[2]}
 
@@ -305,8 +311,10 @@ class TransferLearningModel(L.LightningModule):
             logits = (logits + self(images.flip(-1))) / 2
         return logits
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
         images, _, indices = batch
+        if not len(indices):
+            return None
         probabilities = self.evaluate(images).softmax(dim=1)
         top_probabilities, top_classes = probabilities.topk(min(5, self.num_classes), dim=1)
         return {"index": indices, "top_classes": top_classes, "top_probabilities": top_probabilities}

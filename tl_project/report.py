@@ -286,6 +286,8 @@ class TestReport(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         assert self.metrics is not None
+        if outputs is None:  # a batch whose images all failed to load
+            return
         logits, labels, indices = outputs["logits"], outputs["labels"], outputs["indices"]
         self.metrics.update(logits, labels)
         confidence, predicted = logits.float().softmax(dim=1).max(dim=1)

@@ -133,6 +133,13 @@ def small_batch_advice(batch_size: int) -> str:
     )
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def gather_objects(value: Any) -> list[Any]:
     """`value` from every process, in rank order (just `[value]` when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from tl_project.data.images import load_image
+from tl_project.errors import UserError
 from tl_project.transforms import CropSampler
 
 
@@ -27,6 +28,9 @@ class ImageDataset(Dataset):
     def __init__(self, transform: Callable, seed: int = 0) -> None:
         self.transform = transform
         self.seed = seed
+        # An image that fails to load gives a placeholder item with index -1 - index, which
+        # `ImageDataModule.on_before_batch_transfer` takes out of its batch (else: an error).
+        self.skip_unreadable = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -48,7 +52,13 @@ class ImageDataset(Dataset):
             return self.item(index)
 
     def item(self, index: int) -> tuple[Any, ...]:
-        image, target = self.load(index)
+        try:
+            image, target = self.load(index)
+        except UserError:
+            if not self.skip_unreadable:
+                raise
+            # Same shape as a real item, so the batch forms; its index marks it for removal.
+            return self.transform(torch.zeros(3, 1, 1, dtype=torch.uint8)), self.target(index), -1 - index
         return self.transform(image), target, index
 
     def describe(self, index: int) -> str:

@@ -4,6 +4,8 @@ them to a uint8 RGB tensor, EXIF orientation applied.
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ EXTENSION_FORMATS = {
     ".pbm": "PPM",
 }
 IMAGE_EXTENSIONS = frozenset(EXTENSION_FORMATS)
+EXTENSION_TUPLE = tuple(EXTENSION_FORMATS)
 
 
 def is_image_file(path: Path) -> bool:
@@ -39,31 +42,52 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, in sorted order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    """Image files under `folder`, recursively, in sorted order: one walk with `os.scandir`,
+    whose entries know their type without a `stat` per file (hidden folders are skipped)."""
+    found: list[Path] = []
+    pending = [str(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif entry.is_file() and entry.name.lower().endswith(EXTENSION_TUPLE):
+                    found.append(Path(entry.path))
+    return sorted(found)
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """Decode `path` as a uint8 RGB tensor (3 x H x W): EXIF orientation applied, any mode converted.
+    """Decode the image file `path` as a uint8 RGB tensor (3 x H x W): see `decode_image_bytes`."""
+    try:
+        data = torchvision.io.read_file(str(path))
+    except Exception as error:
+        raise UserError(f"Cannot read image {path}: {error}. Remove or replace that file.") from None
+    return decode_image_bytes(data, str(path))
+
+
+def decode_image_bytes(data: torch.Tensor, source: str) -> torch.Tensor:
+    """Decode an image file's bytes (a uint8 tensor) as a uint8 RGB tensor (3 x H x W): EXIF
+    orientation applied, any mode converted; `source` names it in errors.
 
     JPEGs and 8/16-bit PNGs without a palette go through torchvision.io's decoders
     (libjpeg-turbo, libpng; no PIL round trip); other formats and PNG variants, and
     the rare files those decoders refuse, through PIL, to the same pixels.
     """
     try:
-        data = torchvision.io.read_file(str(path))
         mode = _torchvision_mode(data)
         if mode is not None:
             try:
                 return _rgb_tensor(decode_image(data, mode=mode, apply_exif_orientation=True))
             except RuntimeError:
                 pass  # e.g. a JPEG variant libjpeg-turbo does not read: PIL below
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as opened:
             image = ImageOps.exif_transpose(opened)
             image.load()
             return pil_to_tensor(to_rgb(image))
     except Exception as error:
-        raise UserError(f"Cannot decode image {path}: {error}. Remove or replace that file.") from None
+        raise UserError(f"Cannot decode image {source}: {error}. Remove or replace that file.") from None
 
 
 def _torchvision_mode(data: torch.Tensor) -> ImageReadMode | None:

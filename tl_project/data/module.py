@@ -35,7 +35,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
-from tl_project.checks import DataReport, check_images, usable
+from tl_project.checks import DataReport, check_images, inspect_file, usable
 from tl_project.data.datasets import (
     EpochSampler,
     FolderDataset,
@@ -45,10 +45,12 @@ from tl_project.data.datasets import (
     TensorImageDataset,
 )
 from tl_project.data.folders import Splits, folder_classes, folder_splits, predict_paths
+from tl_project.data.manifest import Manifest
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, stratified_split
+from tl_project.data.streaming import LITDATA, ShardDataset, ShardLoader, is_url, read_meta
 from tl_project.errors import UserError, class_mismatch
-from tl_project.runtime import default_num_workers, usable_cores
+from tl_project.runtime import default_num_workers, gather_objects, usable_cores, warn
 from tl_project.transforms import (
     IMAGENET,
     CropSampler,
@@ -58,6 +60,13 @@ from tl_project.transforms import (
     resized_crops,
     train_transform,
 )
+
+# The splits each stage uses (only these are built), and those it checks: fit checks the
+# test images too, so that problems and leakage show before training, not after it.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "optimize": SPLITS}
+STAGE_CHECKS = {"fit": SPLITS, "validate": ("val",), "test": ("test",), "optimize": SPLITS}
+# The split a Trainer stage (`RunningStage`) reads.
+STAGE_SPLIT = {"train": "train", "sanity_check": "val", "validate": "val", "test": "test", "predict": "predict"}
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -80,6 +89,8 @@ class ImageDataModule(L.LightningDataModule):
         classes: list[str] | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
         max_image_pixels: int = 89_478_485,
+        check: Literal["full", "header", "off"] = "full",
+        cache_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -98,13 +109,15 @@ class ImageDataModule(L.LightningDataModule):
             classes: The expected class names (set from the checkpoint for test/predict); null reads them from the data.
             on_bad_image: Unusable images (corrupt, empty, too large): error stops before training listing all; skip leaves them out.
             max_image_pixels: Images with more pixels are refused unread (decompression bombs).
+            check: Before use, decode every image (full), read only headers (header), or trust the files (off: images that fail to load are skipped then, with a summary). Results are kept in a manifest.
+            cache_dir: Where the data check keeps its manifest; null for $XDG_CACHE_HOME/tl_project or ~/.cache/tl_project.
         """
         super().__init__()
         self.save_hyperparameters()
-        if dataset is not None and dataset not in NAMED_DATASETS:
+        if dataset is not None and dataset not in (*NAMED_DATASETS, LITDATA):
             raise UserError(
-                f"Unknown dataset {dataset!r}. Choose one of {', '.join(NAMED_DATASETS)}, "
-                "or null for an image folder given by --data.root."
+                f"Unknown dataset {dataset!r}. Choose one of {', '.join(NAMED_DATASETS)}, {LITDATA} for shards "
+                "written by python -m tl_project optimize, or null for an image folder given by --data.root."
             )
         for option, value in (("val_split", val_split), ("test_split", test_split)):
             if not 0.0 <= value < 1.0:
@@ -118,6 +131,9 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError("data.batch_size and data.image_size must be positive integers.")
         self.dataset = dataset
         self.root = Path(root).expanduser() if root is not None else None
+        # LitData shards: a local folder or a URL, and what optimize wrote next to them.
+        self.shards = (root if is_url(root) else str(self.root)) if dataset == LITDATA and root else None
+        self.shard_meta = read_meta(self.shards) if self.shards else {}
         self.download = download
         self.batch_size = batch_size
         self._num_workers = num_workers
@@ -132,8 +148,12 @@ class ImageDataModule(L.LightningDataModule):
         self.predict_dir = predict_dir
         self.on_bad_image = on_bad_image
         self.max_image_pixels = max_image_pixels
+        self.check_level = check
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        # Images that failed to load and were left out of their batch, by split (data.check header/off).
+        self.unreadable: dict[str, set[int]] = {}
         self.class_names = self._resolve_class_names(classes)
-        self.datasets: dict[str, ImageDataset] = {}
+        self.datasets: dict[str, Any] = {}  # ImageDataset, or ShardDataset for shards
         # The model's (its weights' preset), taken in setup(); set it before setup() without a Trainer.
         self.preprocessing = IMAGENET
         # Training batches without images (the model looks their features up): set by the model.
@@ -155,7 +175,11 @@ class ImageDataModule(L.LightningDataModule):
     # -- classes, known before setup() --
 
     def _resolve_class_names(self, expected: list[str] | None) -> list[str]:
-        if self.dataset is not None:
+        if self.dataset == LITDATA:
+            if not self.shards:
+                raise UserError("--data.dataset litdata needs --data.root: the folder or URL optimize wrote.")
+            found = list(self.shard_meta["classes"])
+        elif self.dataset is not None:
             found = NAMED_DATASETS[self.dataset]
         elif (self.root is None or not self.root.is_dir()) and expected is not None:
             return list(expected)  # e.g. predict on another machine: the folder is checked in setup
@@ -176,7 +200,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download a named dataset once per node."""
-        if self.dataset is not None and self.download:
+        if self.dataset in NAMED_DATASETS and self.download:
             download_named(self.dataset, self.named_root)
 
     def setup(self, stage: str) -> None:
@@ -185,15 +209,26 @@ class ImageDataModule(L.LightningDataModule):
         preprocessing = getattr(model, "preprocessing", None)
         if isinstance(preprocessing, Preprocessing):
             self.preprocessing = preprocessing
-        if stage == "predict":
-            paths = self._usable({"predict": [(p, 0) for p in predict_paths(self.predict_dir)]}, ["images"], stage)[
-                "predict"
-            ]
-            self.datasets["predict"] = PredictDataset([p for p, _ in paths], self._eval_transform())
+        if self.shards:
+            for split in ("predict",) if stage == "predict" else STAGE_SPLITS[stage]:
+                self.datasets.setdefault(split, self._shard_split(split))
             return
-        if "train" not in self.datasets:
-            self._build_labelled(stage)
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        if stage == "predict":
+            paths = predict_paths(self.predict_dir)
+            base = Path(self.predict_dir or ".").expanduser()
+            found = self._usable(
+                {"predict": [(p, 0) for p in paths]}, ["images"], stage, base if base.is_dir() else None
+            )
+            self.datasets["predict"] = self._tolerant(
+                PredictDataset([p for p, _ in found["predict"]], self._eval_transform())
+            )
+            return
+        needed = STAGE_SPLITS[stage]
+        if self.dataset is not None:
+            if "train" not in self.datasets:
+                self._build_named()
+        elif missing := [split for split in needed if split not in self.datasets]:
+            self._build_folder(missing, stage)
         for split in needed:
             if len(self.datasets[split]) == 0:
                 raise UserError(
@@ -201,28 +236,55 @@ class ImageDataModule(L.LightningDataModule):
                     "folders, or add images."
                 )
 
-    def _build_labelled(self, stage: str) -> None:
-        if self.dataset is not None:
-            images, labels = read_named(self.dataset, self.named_root, train=True)
-            rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
-            test_images, test_labels = read_named(self.dataset, self.named_root, train=False)
-            eval_crop = CropSampler(self.image_size, train=False, preprocessing=self.preprocessing)
-            train_crop = CropSampler(self.image_size, self.min_crop_scale) if self.augment else eval_crop
-            self.datasets = {
-                "train": TensorImageDataset(images[rest], labels[rest], train_crop, self.seed),
-                "val": TensorImageDataset(images[val], labels[val], eval_crop),
-                "test": TensorImageDataset(test_images, test_labels, eval_crop),
-            }
-            return
-        samples = self._usable(self.folder_splits(), self.class_names, stage)
+    def _shard_split(self, split: str) -> ShardDataset:
+        sizes = self.shard_meta.get("splits", {})
+        if not sizes.get(split):
+            hint = " --data.predict_dir DIR" if split == "predict" else ""
+            raise UserError(
+                f"The shards at {self.shards} have no {split} images (splits: {sizes}). "
+                f"Write them with python -m tl_project optimize{hint} --output {self.shards}."
+            )
+        augment = split == "train" and self.augment
+        transform = (
+            train_transform(self.image_size, self.min_crop_scale, self.preprocessing)
+            if augment
+            else self._eval_transform()
+        )
+        assert self.shards is not None
+        # Evaluation counts every image once: no items dropped to even out the processes.
+        drop_last = None if split == "train" else False
+        return ShardDataset(self.shards, split, transform, self.seed, shuffle=split == "train", drop_last=drop_last)
+
+    def _build_named(self) -> None:
+        assert self.dataset is not None
+        images, labels = read_named(self.dataset, self.named_root, train=True)
+        rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
+        test_images, test_labels = read_named(self.dataset, self.named_root, train=False)
+        eval_crop = CropSampler(self.image_size, train=False, preprocessing=self.preprocessing)
+        train_crop = CropSampler(self.image_size, self.min_crop_scale) if self.augment else eval_crop
+        self.datasets = {
+            "train": TensorImageDataset(images[rest], labels[rest], train_crop, self.seed),
+            "val": TensorImageDataset(images[val], labels[val], eval_crop),
+            "test": TensorImageDataset(test_images, test_labels, eval_crop),
+        }
+
+    def _build_folder(self, splits: list[str], stage: str) -> None:
+        """The folder datasets of `splits`: the whole folder is listed (the split assignment
+        needs it), and the splits of `STAGE_CHECKS` checked."""
+        checked = [split for split in SPLITS if split in splits or split in STAGE_CHECKS[stage]]
+        samples = self._usable(self.folder_splits(), self.class_names, stage, self.root, only=checked)
         eval_tf = self._eval_transform()
         train_tf = (
             train_transform(self.image_size, self.min_crop_scale, self.preprocessing) if self.augment else eval_tf
         )
-        self.datasets = {
-            split: FolderDataset(samples[split], train_tf if split == "train" else eval_tf, self.seed)
-            for split in SPLITS
-        }
+        for split in splits:
+            dataset = FolderDataset(samples[split], train_tf if split == "train" else eval_tf, self.seed)
+            self.datasets[split] = self._tolerant(dataset)
+
+    def _tolerant(self, dataset: ImageDataset) -> ImageDataset:
+        """Unless every image was decoded by the check, loading failures are skipped, not fatal."""
+        dataset.skip_unreadable = self.check_level != "full"
+        return dataset
 
     def _eval_transform(self) -> Any:
         return eval_transform(self.image_size, self.preprocessing)
@@ -231,17 +293,37 @@ class ImageDataModule(L.LightningDataModule):
         """(path, label) samples of train, val and test from the image folder."""
         return folder_splits(self.root, self.class_names, self.val_split, self.test_split, self.seed)
 
-    def check(self, splits: dict[str, list[tuple[Path, int]]], class_names: list[str]) -> DataReport:
-        """Decode every image of `splits` once and report problems, warnings and class counts."""
-        return check_images(splits, class_names, self.max_image_pixels, workers=min(8, usable_cores()))
+    def check(
+        self,
+        splits: dict[str, list[tuple[Path, int]]],
+        class_names: list[str],
+        base: Path | None = None,
+        only: list[str] | None = None,
+    ) -> DataReport:
+        """Check the images of `splits` (those in `only`, by default all) at `data.check`'s level
+        and report problems, warnings and class counts; `base` is the folder whose manifest
+        remembers the results."""
+        level = "full" if self.check_level == "off" else self.check_level
+        manifest = Manifest(base, self.cache_dir) if base is not None else None
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        workers = max(1, usable_cores() // devices)
+        return check_images(splits, class_names, self.max_image_pixels, level, workers, manifest, only)
 
-    def _usable(self, splits: Splits, class_names: list[str], stage: str) -> Splits:
-        """`splits` without unusable images, by `on_bad_image` (see `checks.usable`)."""
-        return usable(splits, self.check(splits, class_names), self.on_bad_image, stage)
+    def _usable(
+        self, splits: Splits, class_names: list[str], stage: str, base: Path | None, only: list[str] | None = None
+    ) -> Splits:
+        """`splits` (those in `only`) without unusable images, by `on_bad_image` (see `checks.usable`);
+        with data.check off, all of them, unchecked."""
+        report = self.check(splits, class_names, base, only) if self.check_level != "off" else None
+        if only is not None:
+            splits = {split: splits[split] for split in only}
+        return usable(splits, report, self.on_bad_image, stage) if report else splits
 
     @property
     def predict_paths(self) -> list[Path]:
         """The image paths of the predict set, in dataset-index order."""
+        if self.shards:
+            return [Path(p) for p in self.shard_meta["predict_paths"]]
         dataset = self.datasets["predict"]
         assert isinstance(dataset, PredictDataset)
         return dataset.paths
@@ -249,6 +331,8 @@ class ImageDataModule(L.LightningDataModule):
     # -- loaders --
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if self.shards:
+            return self._shard_loader(split, train)
         dataset: ImageDataset | LabelsOnly = self.datasets[split]
         labels_only = train and self.train_labels_only
         if labels_only:
@@ -272,6 +356,64 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
         )
+
+    def _shard_loader(self, split: str, train: bool) -> DataLoader:
+        """LitData's loader: it shares the chunks out between processes and workers, and its
+        position in the epoch is saved in checkpoints (Lightning saves stateful loaders)."""
+        if train and self.train_labels_only:
+            raise UserError("model.cache_features needs an image folder or a named dataset, not litdata shards.")
+        trainer = self.trainer
+        return ShardLoader(
+            self.datasets[split],
+            epoch=self._epoch_to_train if train and trainer is not None else None,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=False,
+            pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
+        )
+
+    def _epoch_to_train(self) -> int:
+        """The epoch the Trainer is about to train. When it resumes from the end of an epoch, its
+        loader is made before `current_epoch` (the completed epochs) counts that one: the fit
+        loop's processed epochs do (Lightning 2.6)."""
+        assert self.trainer is not None
+        processed = self.trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]
+        return max(self.trainer.current_epoch, processed)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """Items of images that failed to load (data.check header/off) leave the batch here,
+        noted for the summary at the end of the command (`teardown`)."""
+        indices = batch[2]
+        if not isinstance(indices, torch.Tensor) or not bool((indices < 0).any()):
+            return batch
+        keep = indices >= 0
+        stage = self.trainer.state.stage if self.trainer is not None else None
+        split = STAGE_SPLIT.get(str(stage.value) if stage is not None else "", "predict")
+        self.unreadable.setdefault(split, set()).update((-1 - indices[~keep]).tolist())
+        return [part[keep] if isinstance(part, torch.Tensor) else part for part in batch]
+
+    def teardown(self, stage: str) -> None:
+        """Say which images failed to load and were skipped during `stage`, if any."""
+        gathered: dict[str, set[int]] = {}
+        for part in gather_objects(self.unreadable):
+            for split, indices in part.items():
+                gathered.setdefault(split, set()).update(indices)
+        self.unreadable = {}
+        if not gathered:
+            return
+        lines = [
+            f"  {split}: {self.datasets[split].describe(index)}: {inspect_file(self._path(split, index)).detail}"
+            for split, indices in sorted(gathered.items())
+            for index in sorted(indices)
+        ]
+        warn(
+            f"Left out {len(lines)} image{'s' if len(lines) > 1 else ''} that could not be loaded "
+            f"(--data.check {self.check_level}); "
+            "remove or replace them, or check them with python -m tl_project check:\n" + "\n".join(lines)
+        )
+
+    def _path(self, split: str, index: int) -> Path:
+        return Path(self.datasets[split].describe(index))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> tuple[torch.Tensor, ...]:
         """uint8 images on the device to normalised floats; in-memory images are cropped,

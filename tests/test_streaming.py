@@ -1,0 +1,128 @@
+"""LitData shards: `optimize` writes them, `--data.dataset litdata` trains, tests and predicts
+from them as from the folder, under DDP each test image counts once, and resuming repeats
+or skips nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import COLORS, make_image_folder
+from tests.helpers import ACCURACY_LINE, QUIET, RECORD_ENV, exit_code, read_csv, run_dirs
+from tl_project import main
+
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+def _shards_args(shards: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        *("--model.weights", "null", "--model.backbone", "resnet18"),
+        *("--data.dataset", "litdata", "--data.root", str(shards)),
+        *("--data.image_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"),
+        *("--trainer.max_epochs", "1", "--trainer.default_root_dir", str(runs)),
+        *QUIET,
+        *extra,
+    ]
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    """The colour folder (train 20 a class, test 9 a class, val carved out) as shards."""
+    images = tmp_path / "images"
+    make_image_folder(images / "train", COLORS, per_class=20)
+    make_image_folder(images / "test", COLORS, per_class=9)
+    (images / "test" / "dog" / "008.png").unlink()  # 26 test images: uneven over 2 processes
+    photos = make_image_folder(tmp_path / "photos", {"x": (220, 60, 60)}, per_class=3)
+    out = tmp_path / "shards"
+    main(["optimize", "--data.root", str(images), "--output", str(out), "--data.predict_dir", str(photos)])
+    return out
+
+
+def test_optimize_writes_a_litdata_dataset_per_split(shards: Path) -> None:
+    meta = json.loads((shards / "tl_project.json").read_text())
+    assert meta["classes"] == ["cat", "dog", "fish"]
+    assert meta["splits"] == {"train": 54, "val": 6, "test": 26, "predict": 3}
+    assert meta["predict_paths"][0].endswith("photos/x/000.png")
+    for split in meta["splits"]:
+        assert (shards / split / "index.json").is_file()
+
+
+def test_fit_test_predict_from_shards_as_from_the_folder(shards: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    main(_shards_args(shards, runs, "--trainer.max_epochs", "2"))
+    last = run_dirs(runs)[0] / "checkpoints" / "last.ckpt"
+    # The checkpoint knows the shards: test needs nothing else, and matches the folder's test.
+    here = ["--trainer.default_root_dir", str(runs), *QUIET]
+    main(["test", "--ckpt_path", str(last), *here])
+    folder = ["--data.dataset", "null", "--data.root", str(tmp_path / "images")]
+    main(["test", "--ckpt_path", str(last), *folder, *here])
+    from_shards, from_folder = (read_csv(run / "metrics.csv")[-1] for run in run_dirs(runs)[1:3])
+    assert from_shards["test/acc"] == from_folder["test/acc"]
+    assert float(from_shards["test/loss"]) == pytest.approx(float(from_folder["test/loss"]), rel=1e-5)
+    assert (run_dirs(runs)[1] / "report" / "misclassified.csv").is_file()
+
+    main(["predict", "--ckpt_path", str(last), *here])
+    rows = read_csv(run_dirs(runs)[-1] / "predictions.csv")
+    assert [Path(r["path"]).name for r in rows] == ["000.png", "001.png", "002.png"]
+
+
+def test_clear_errors(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    images = make_image_folder(tmp_path / "images", COLORS, per_class=4)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "thesis.tex").write_text("mine")
+    assert exit_code(["optimize", "--data.root", str(images), "--output", str(taken)]) == 2
+    assert "holds other files" in capfd.readouterr().err and (taken / "thesis.tex").read_text() == "mine"
+    assert exit_code(_shards_args(tmp_path / "nothing", tmp_path / "runs")) == 2
+    assert "No shards written by tl_project" in capfd.readouterr().err
+
+
+def _epochs(record: Path) -> dict[int, list[int]]:
+    seen: dict[int, list[int]] = defaultdict(list)
+    for line in record.read_text().splitlines():
+        epoch, indices = line.split(":")
+        seen[int(epoch)] += [int(i) for i in indices.split()]
+    return seen
+
+
+def test_resume_from_last_repeats_and_skips_nothing(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = ["--trainer.callbacks", "tests.helpers.RecordBatches"]
+    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "whole.txt"))
+    main(_shards_args(shards, tmp_path / "whole", "--trainer.max_epochs", "3", *record))
+    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "resumed.txt"))
+    main(_shards_args(shards, tmp_path / "parts", "--trainer.max_epochs", "1", *record))
+    last = run_dirs(tmp_path / "parts")[0] / "checkpoints" / "last.ckpt"
+    main(_shards_args(shards, tmp_path / "parts", "--trainer.max_epochs", "3", "--ckpt_path", str(last), *record))
+    whole, resumed = _epochs(tmp_path / "whole.txt"), _epochs(tmp_path / "resumed.txt")
+    assert whole == resumed
+    assert whole[0] != whole[1]  # each epoch shuffled anew
+    assert all(len(set(indices)) == len(indices) == 54 for indices in whole.values())
+
+
+@pytest.mark.slow
+def test_ddp_fit_and_test_from_shards_count_each_test_image_once(shards: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    fit = [sys.executable, "-m", "tl_project", *_shards_args(shards, tmp_path / "runs"), *DDP]
+    result = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = str(run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt")
+    outputs = []
+    for extra in ([], DDP):
+        command = [sys.executable, "-m", "tl_project", "test", "--ckpt_path", last, *QUIET, *extra]
+        command += ["--trainer.default_root_dir", str(tmp_path / "runs")]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout)
+    assert ACCURACY_LINE.findall(outputs[0]) == ACCURACY_LINE.findall(outputs[1])
+    one, two = (read_csv(run / "metrics.csv")[-1] for run in run_dirs(tmp_path / "runs")[1:3])
+    assert one["test/acc"] == two["test/acc"]
+    assert float(one["test/loss"]) == pytest.approx(float(two["test/loss"]), rel=1e-5)

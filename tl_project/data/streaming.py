@@ -1,0 +1,175 @@
+"""LitData shards: data beyond one folder on one disk.
+
+`python -m tl_project optimize --data.root FOLDER --output SHARDS` checks the folder (the
+data check, `data.on_bad_image`), splits it as `fit` would (`seed`, `val_split`,
+`test_split`) and writes one LitData dataset per split with `litdata.optimize`:
+`SHARDS/{train,val,test}/` (and `SHARDS/predict/` with `--data.predict_dir`), each item
+the image file's encoded bytes, its label, its index in the split and its path; plus
+`SHARDS/tl_project.json` with the class names and the split sizes. SHARDS may be a
+local folder or a URL LitData writes to (s3://, gs://, ...).
+
+`--data.dataset litdata --data.root SHARDS` streams them with `ShardDataset` (a
+`litdata.StreamingDataset`) through a `litdata.StreamingDataLoader`: LitData shares
+the chunks out between DDP processes and loader workers and downloads remote ones
+ahead; images are decoded in the workers and transformed as image folders are, and
+augmentation is drawn from `(seed, epoch, index)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from litdata import StreamingDataLoader, StreamingDataset, optimize
+
+# LitData 0.2.76: its one reader/writer of single files on object storage (private; pinned in
+# pyproject.toml and watched by tests/test_cli.py::test_private_lightning_members_in_use_still_exist).
+from litdata.streaming.fs_provider import _get_fs_provider
+
+from tl_project.data.images import decode_image_bytes
+from tl_project.errors import UserError
+
+LITDATA = "litdata"  # the data.dataset value of shards
+META = "tl_project.json"
+# Chunk size of the shards: large enough to stream efficiently, small enough to share out.
+CHUNK_BYTES = "64MB"
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def join(location: str, *parts: str) -> str:
+    """`location/part/...` for a local folder or a URL."""
+    return "/".join([location.rstrip("/"), *parts]) if is_url(location) else str(Path(location, *parts))
+
+
+def _item(job: tuple[str, int, int, str]) -> dict[str, Any]:
+    """One shard item: the file's encoded bytes (decoded at load time), label, index, path."""
+    path, label, index, name = job
+    return {"image": Path(path).read_bytes(), "label": label, "index": index, "path": name}
+
+
+def write_shards(
+    splits: Mapping[str, Sequence[tuple[Path, int]]],
+    class_names: Sequence[str],
+    output: str,
+    base: Path | None,
+    workers: int,
+    settings: Mapping[str, Any],
+) -> dict[str, int]:
+    """Write each split of `splits` as a LitData dataset under `output/<split>`, and the
+    metadata; item paths are relative to `base` when under it. Returns the split sizes."""
+    sizes = {}
+    for split, samples in splits.items():
+        if not samples:
+            continue
+        jobs = [(str(path), label, index, _relative(path, base)) for index, (path, label) in enumerate(samples)]
+        optimize(
+            fn=_item,
+            inputs=jobs,
+            output_dir=join(output, split),
+            chunk_bytes=CHUNK_BYTES,
+            num_workers=max(1, min(workers, len(jobs))),
+            reorder_files=False,  # items keep their index order
+            keep_data_ordered=True,
+            mode="overwrite",
+            start_method="fork",  # the workers need nothing re-imported: they read files
+            verbose=False,
+        )
+        sizes[split] = len(jobs)
+    meta: dict[str, Any] = {"classes": list(class_names), "splits": sizes, **settings}
+    if "predict" in splits:  # predictions.csv names the images
+        meta["predict_paths"] = [_relative(path, base) for path, _ in splits["predict"]]
+    _write_text(join(output, META), json.dumps(meta, indent=1) + "\n")
+    return sizes
+
+
+def _relative(path: Path, base: Path | None) -> str:
+    try:
+        return str(path.relative_to(base)) if base is not None else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _write_text(location: str, text: str) -> None:
+    if not is_url(location):
+        Path(location).write_text(text)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder, META)
+        local.write_text(text)
+        _get_fs_provider(location).upload_file(str(local), location)
+
+
+def read_meta(shards: str) -> dict[str, Any]:
+    """The metadata `optimize` wrote next to the shards (downloaded first for a URL)."""
+    location = join(shards, META)
+    try:
+        if is_url(location):
+            with tempfile.TemporaryDirectory() as folder:
+                local = os.path.join(folder, META)
+                _get_fs_provider(location).download_file(location, local)
+                return json.loads(Path(local).read_text())
+        return json.loads(Path(location).read_text())
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserError(
+            f"No shards written by tl_project at {shards} ({META}: {error}). Write them with "
+            f"python -m tl_project optimize --data.root FOLDER --output {shards}."
+        ) from None
+
+
+class ShardDataset(StreamingDataset):
+    """A split of the shards whose items are (transformed uint8 image, label, index), like
+    the folder datasets'; augmentation is drawn from `(seed, epoch, index)` alone."""
+
+    def __init__(
+        self, shards: str, split: str, transform: Callable, seed: int, shuffle: bool, drop_last: bool | None
+    ) -> None:
+        super().__init__(join(shards, split), shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.image_transform = transform
+
+    def __getitem__(self, index: Any) -> Any:
+        item = super().__getitem__(index)
+        if not isinstance(item, dict):  # a slice: LitData's own use
+            return item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.current_epoch, item["index"])) & 0x7FFF_FFFF_FFFF_FFFF)
+            image, label = self._decoded(item)
+            return self.image_transform(image), label, item["index"]
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """(decoded image, label) of item `index`, untransformed."""
+        return self._decoded(StreamingDataset.__getitem__(self, index))
+
+    @staticmethod
+    def _decoded(item: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        return decode_image_bytes(torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8), item["path"]), int(
+            item["label"]
+        )
+
+    def describe(self, index: int) -> str:
+        """The path of item `index` (relative to the folder `optimize` read)."""
+        return str(StreamingDataset.__getitem__(self, index)["path"])
+
+
+class ShardLoader(StreamingDataLoader):
+    """LitData's loader, with its epoch (which orders the shuffle) taken from `epoch()` (the
+    Trainer's) at the start of each epoch. LitData keeps its own count, which starts again at
+    the first epoch when a run resumes from a checkpoint saved at the end of an epoch; this
+    way the resumed epoch reads what it would have read in an uninterrupted run. A run
+    resumed in the middle of an epoch continues from LitData's saved position."""
+
+    def __init__(self, dataset: ShardDataset, epoch: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        if self.epoch is not None and not self.restore:
+            self.current_epoch = self.epoch()  # LitData counts from 1: its __iter__ adds it
+        return super().__iter__()
