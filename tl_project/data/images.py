@@ -42,20 +42,22 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, in sorted order: one walk with `os.scandir`,
-    whose entries know their type without a `stat` per file (hidden folders are skipped)."""
-    found: list[Path] = []
-    pending = [str(folder)]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    pending.append(entry.path)
-                elif entry.is_file() and entry.name.lower().endswith(EXTENSION_TUPLE):
-                    found.append(Path(entry.path))
-    return sorted(found)
+    """Image files under `folder`, recursively, in sorted order (as `sorted` orders Paths): one
+    walk with `os.scandir`, whose entries know their type without a `stat` per file; hidden
+    files and folders are skipped."""
+    found: list[str] = []
+
+    def walk(directory: str) -> None:
+        with os.scandir(directory) as scan:
+            entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir():
+                walk(entry.path)
+            elif entry.name.lower().endswith(EXTENSION_TUPLE) and entry.is_file():
+                found.append(entry.path)
+
+    walk(str(folder))
+    return [Path(path) for path in found]
 
 
 def load_image(path: Path) -> torch.Tensor:

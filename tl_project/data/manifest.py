@@ -42,6 +42,9 @@ class Manifest:
 
     def __init__(self, base: Path, cache_dir: Path | None = None) -> None:
         self.base = base.resolve()
+        # Paths listed under `base` start with it as given: their relative name is a slice.
+        self.prefix = os.path.join(str(base), "")
+        self.changed = False
         name = hashlib.sha256(str(self.base).encode()).hexdigest()[:16]
         self.file = (cache_dir or default_cache_dir()) / "checks" / f"{name}.json"
         self.rows: dict[str, list[Any]] = self._read()
@@ -59,7 +62,8 @@ class Manifest:
         return dict(saved.get("files") or {})
 
     def _relative(self, path: Path) -> str:
-        return os.path.relpath(path, self.base)
+        name = str(path)
+        return name[len(self.prefix) :] if name.startswith(self.prefix) else os.path.relpath(path, self.base)
 
     def lookup(self, path: Path, key: tuple[int, int], level: str) -> list[Any] | None:
         """The saved result for `path` if the file is unchanged and was checked at `level` or better."""
@@ -70,11 +74,14 @@ class Manifest:
 
     def record(self, path: Path, key: tuple[int, int], level: str, result: Iterable[Any]) -> None:
         self.rows[self._relative(path)] = [*key, level, *result]
+        self.changed = True
 
     def save(self, listed: Iterable[Path]) -> None:
         """Write the rows of the `listed` files (the folder's images now), atomically; warn if it cannot."""
         keep = {self._relative(path) for path in listed}
         rows = {name: row for name, row in self.rows.items() if name in keep}
+        if not self.changed and len(rows) == len(self.rows) and self.file.is_file():
+            return  # nothing new, nothing removed
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=self.file.parent, suffix=".tmp", delete=False) as out:
