@@ -40,6 +40,9 @@ from tl_project.data.manifest import Manifest, file_key
 from tl_project.errors import UserError
 from tl_project.runtime import gather_objects, rank_and_world, warn
 
+# A largest / smallest class ratio from which the report suggests data.balance.
+IMBALANCED = 3.0
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -77,7 +80,9 @@ class DataReport:
             lines.append("  " + name.ljust(width) + "".join(f"{self.counts[s].get(name, 0):>8}" for s in splits))
         train = [n for n in self.counts.get("train", {}).values() if n] or [0]
         if min(train):
-            lines.append(f"Class imbalance (train, largest / smallest class): {max(train) / min(train):.2f}")
+            ratio = max(train) / min(train)
+            hint = " (large: --data.balance sampler or loss evens it out in training)" if ratio >= IMBALANCED else ""
+            lines.append(f"Class imbalance (train, largest / smallest class): {ratio:.2f}{hint}")
         if self.problems:
             lines += [f"Unusable images ({len(self.problems)}):", *map(str, self.problems)]
         if self.warnings:

@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError, class_mismatch
+from tl_project.recipe import BatchMix, balanced_class_weights, warmup_cosine
 from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
 from tl_project.transforms import Preprocessing
 
@@ -76,6 +77,10 @@ class TransferLearningModel(L.LightningModule):
         cache_features: bool = False,
         compile: bool = False,
         tta: Literal["none", "flip"] = "none",
+        schedule: Literal["constant", "cosine"] = "constant",
+        warmup_epochs: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -95,6 +100,10 @@ class TransferLearningModel(L.LightningModule):
             cache_features: With finetune head and data.augment false: compute the frozen backbone's features once, before the first epoch, and train the head on them.
             compile: Compile the backbone with torch.compile (minutes of compiling first; see README, Performance).
             tta: Test-time augmentation in test and predict: flip averages the logits of each image and its mirror image; none.
+            schedule: The learning rate over the run: constant, or cosine (to 0 at the last step); stepped every step.
+            warmup_epochs: Epochs (a fraction is fine) of linear warmup from 0 before the schedule; 0 for none.
+            mixup: MixUp's alpha for training batches (0.2 is usual); 0 for none.
+            cutmix: CutMix's alpha for training batches (1.0 is usual); 0 for none. With mixup too, each batch gets one of the two.
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
             lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
         """
@@ -121,6 +130,9 @@ class TransferLearningModel(L.LightningModule):
         if finetune == "head":
             self.backbone.requires_grad_(False)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.mix = BatchMix(mixup, cutmix, num_classes)
+        # Training loss weights per class (data.balance loss), set when fitting starts.
+        self.class_weights: torch.Tensor | None = None
         self.train_metrics = stage_metrics("train", num_classes)
         self.val_metrics = stage_metrics("val", num_classes)
         self.test_metrics = stage_metrics("test", num_classes)
@@ -221,6 +233,19 @@ class TransferLearningModel(L.LightningModule):
                 "model.cache_features reuses the backbone's features, so they must not change: "
                 "pass --model.finetune head and --data.augment false."
             )
+        if self.hparams["cache_features"] and self.mix:
+            raise UserError(
+                "model.cache_features trains on fixed features: it cannot mix images (model.mixup, model.cutmix)."
+            )
+        self.class_weights = None
+        if getattr(datamodule, "balance", "none") == "loss":
+            self.class_weights = balanced_class_weights(datamodule.class_counts).to(self.device)
+            say(
+                "Class weights of the training loss (data.balance loss): "
+                + ", ".join(
+                    f"{name} {w:.3g}" for name, w in zip(self.class_names, self.class_weights.tolist(), strict=True)
+                )
+            )
         if hasattr(datamodule, "train_labels_only"):
             # With the cache, training epochs look features up by index: they need no image.
             datamodule.train_labels_only = bool(self.hparams["cache_features"])
@@ -237,11 +262,20 @@ class TransferLearningModel(L.LightningModule):
     def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) of a batch; logs the stage's loss and metrics."""
         images, labels, indices = batch
+        targets = labels
+        if stage == "train" and self.mix:
+            images, targets = self.mix(images, labels)  # class probabilities
+            labels = targets.argmax(dim=1)  # for the training accuracy: the larger share
         if stage == "train" and self._features is not None:
             logits = self._cached_logits(images, indices)
         else:
             logits = self.evaluate(images) if stage == "test" else self(images)
-        loss = self.loss_fn(logits, labels)
+        if stage == "train":
+            loss = nn.functional.cross_entropy(
+                logits, targets, weight=self.class_weights, label_smoothing=self.hparams["label_smoothing"]
+            )
+        else:
+            loss = self.loss_fn(logits, labels)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         metrics.update(logits, labels)
         mean_loss.update(loss.detach(), weight=len(labels))
@@ -330,6 +364,15 @@ class TransferLearningModel(L.LightningModule):
         else:
             # With a frozen backbone only the head's parameters require gradients.
             optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.hparams.get("schedule") == "cosine" or self.hparams.get("warmup_epochs"):
+            if self.lr_scheduler_factory is not None:
+                raise UserError("Pass either model.schedule / model.warmup_epochs or model.lr_scheduler, not both.")
+            total = int(self.trainer.estimated_stepping_batches)
+            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            warmup = round(self.hparams["warmup_epochs"] * total / epochs)
+            steps = total if self.hparams["schedule"] == "cosine" else 10**12  # constant after the warmup
+            stepwise = warmup_cosine(optimizer, steps, warmup)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": stepwise, "interval": "step"}}
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

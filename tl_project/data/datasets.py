@@ -165,3 +165,21 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         return ((epoch, index) for index in super().__iter__())
+
+
+class BalancedEpochSampler(EpochSampler):
+    """Like `EpochSampler`, but each epoch draws as many items as the dataset has, with
+    replacement, every class equally likely (`data.balance sampler`): rare classes' images
+    recur, common ones' are left out more. The draw depends on `(seed, epoch)` alone, and
+    the processes take disjoint shares of it."""
+
+    def __init__(self, dataset: Any, targets: Sequence[int], num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        counts = torch.bincount(torch.tensor(targets))
+        self.weights = 1.0 / counts[torch.tensor(targets)].double()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
+        epoch = self.epoch
+        return ((epoch, index) for index in drawn[self.rank : self.total_size : self.num_replicas].tolist())

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from tl_project.checks import DataReport, check_images, inspect_file, usable
 from tl_project.data.datasets import (
+    BalancedEpochSampler,
     EpochSampler,
     FolderDataset,
     ImageDataset,
@@ -91,6 +92,7 @@ class ImageDataModule(L.LightningDataModule):
         max_image_pixels: int = 89_478_485,
         check: Literal["full", "header", "off"] = "full",
         cache_dir: str | None = None,
+        balance: Literal["none", "sampler", "loss"] = "none",
     ) -> None:
         """
         Args:
@@ -111,6 +113,7 @@ class ImageDataModule(L.LightningDataModule):
             max_image_pixels: Images with more pixels are refused unread (decompression bombs).
             check: Before use, decode every image (full), read only headers (header), or trust the files (off: images that fail to load are skipped then, with a summary). Results are kept in a manifest.
             cache_dir: Where the data check keeps its manifest; null for $XDG_CACHE_HOME/tl_project or ~/.cache/tl_project.
+            balance: For imbalanced classes: sampler draws every class equally often in training; loss weights each class's loss by its rarity; none.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -149,6 +152,9 @@ class ImageDataModule(L.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.max_image_pixels = max_image_pixels
         self.check_level = check
+        if balance == "sampler" and dataset == LITDATA:
+            raise UserError("data.balance sampler needs random access; LitData shards stream: use data.balance loss.")
+        self.balance = balance
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         # Images that failed to load and were left out of their batch, by split (data.check header/off).
         self.unreadable: dict[str, set[int]] = {}
@@ -166,6 +172,18 @@ class ImageDataModule(L.LightningDataModule):
             return self._num_workers
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         return default_num_workers(on_gpu)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class, in class order (after setup)."""
+        if self.shards:
+            counts = self.shard_meta.get("train_counts") or {}
+            return [int(counts.get(name, 0)) for name in self.class_names]
+        dataset = self.datasets["train"]
+        found = torch.bincount(
+            torch.tensor([dataset.target(i) for i in range(len(dataset))]), minlength=self.num_classes
+        )
+        return found.tolist()
 
     @property
     def num_classes(self) -> int:
@@ -341,7 +359,10 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler: Sampler | None = None
-        if train:
+        if train and self.balance == "sampler":
+            targets = [self.datasets[split].target(i) for i in range(len(dataset))]
+            sampler = BalancedEpochSampler(dataset, targets, num_replicas=world, rank=rank, seed=self.seed)
+        elif train:
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         elif world > 1 and len(dataset) >= world:
             # Each image evaluated exactly once: no padding with repeats, as DistributedSampler would.

@@ -84,6 +84,10 @@ def write_shards(
         )
         sizes[split] = len(jobs)
     meta: dict[str, Any] = {"classes": list(class_names), "splits": sizes, **settings}
+    if "train" in splits:  # for data.balance loss
+        meta["train_counts"] = {name: 0 for name in class_names}
+        for _, label in splits["train"]:
+            meta["train_counts"][class_names[label]] += 1
     if "predict" in splits:  # predictions.csv names the images
         meta["predict_paths"] = [_relative(path, base) for path, _ in splits["predict"]]
     _write_text(join(output, META), json.dumps(meta, indent=1) + "\n")
