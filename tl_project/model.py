@@ -131,6 +131,7 @@ class TransferLearningModel(L.LightningModule):
             self.backbone.requires_grad_(False)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.mix = BatchMix(mixup, cutmix, num_classes)
+        self.range_test = False  # set by tune: a diverging loss is the range test's end, not an error
         # Training loss weights per class (data.balance loss), set when fitting starts.
         self.class_weights: torch.Tensor | None = None
         self.train_metrics = stage_metrics("train", num_classes)
@@ -299,6 +300,8 @@ class TransferLearningModel(L.LightningModule):
 
     def _stop_unless_finite(self, loss: torch.Tensor, batch_size: int) -> None:
         """Stop the run on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
+        if self.range_test:  # the range test (tune) ends on divergence itself
+            return
         diverged = not bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # every rank stops together, none waits for the others
             diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
