@@ -97,7 +97,8 @@ class DataReport:
 @dataclass(frozen=True)
 class Inspection:
     """What one look at one file found: the problem (None when usable) and its detail, the
-    size and format from the header, and the content hash (full checks only)."""
+    size and format from the header, the content hash (full checks only), and whether the
+    format is another than the file's extension promises (judged once, when looked at)."""
 
     problem: str | None = None
     detail: str = ""
@@ -105,6 +106,7 @@ class Inspection:
     height: int = 0
     format: str | None = None
     digest: str | None = None
+    wrong_extension: str = ""
 
     def findings(self, path: Path, max_pixels: int) -> tuple[Finding | None, Finding | None]:
         """(problem or None, warning or None) of the file at `path` under the pixel limit."""
@@ -113,9 +115,8 @@ class Inspection:
         if self.width * self.height > max_pixels:
             detail = f"{self.width} x {self.height} pixels, over the limit of {max_pixels} (--data.max_image_pixels)"
             return Finding("too large", path, detail), None
-        expected = EXTENSION_FORMATS.get(path.suffix.lower())
-        if expected and self.format and self.format != expected:
-            return None, Finding("extension", path, f"holds a {self.format} image, not {expected}")
+        if self.wrong_extension:
+            return None, Finding("extension", path, self.wrong_extension)
         return None, None
 
     def stale(self, max_pixels: int) -> bool:
@@ -134,7 +135,9 @@ def inspect_file(path: Path, level: str = "full", max_pixels: int = 89_478_485) 
         digest = hashlib.sha256(data).hexdigest()[:32] if level == "full" else None
         with Image.open(io.BytesIO(data) if level == "full" else path) as image:
             width, height = image.size
-            found = Inspection(None, "", width, height, image.format, digest)
+            expected = EXTENSION_FORMATS.get(path.suffix.lower())
+            wrong = f"holds a {image.format} image, not {expected}" if expected and image.format != expected else ""
+            found = Inspection(None, "", width, height, image.format, digest, wrong)
             if width * height > max_pixels:
                 return Inspection("too large", f"{width} x {height} pixels, not decoded", width, height)
             if level == "full":

@@ -21,7 +21,7 @@ from typing import Any
 
 from tl_project.runtime import warn
 
-VERSION = 1
+VERSION = 2  # rows: size, mtime, level, then `checks.Inspection`'s fields
 # How thoroughly a file was checked: a full decode also answers what the header answers.
 LEVELS = {"header": 1, "full": 2}
 
