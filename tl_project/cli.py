@@ -1,4 +1,4 @@
-"""The command line: `python -m tl_project {fit,validate,test,predict,check,export,optimize}`.
+"""The command line: `python -m tl_project {fit,validate,test,predict,check,export,tune,cv,optimize}`.
 
 A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 
@@ -15,6 +15,7 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
   SIGTERM saves `last.ckpt` and exits with 143;
 - `check`: the data check of `checks.py` on its own, with the report;
 - `export` and `predict` with an `.onnx` file: see `export.py`;
+- `tune`: the learning-rate range test (`tune.py`); `cv`: k-fold cross-validation (`crossval.py`);
 - `optimize`: an image folder as LitData shards (`data/streaming.py`).
 """
 
@@ -276,6 +277,14 @@ def run_tune(command: str, args: list[str], from_sys_argv: bool) -> None:
     run_range_test(cli.trainer, cli.model, cli.datamodule, cli.config["tune"])
 
 
+def run_cross_validation(command: str, args: list[str], from_sys_argv: bool) -> None:
+    """`cv`: k-fold cross-validation with fit's config and flags (`crossval.py`)."""
+    from tl_project.crossval import run_cv
+
+    parser_kwargs: dict[str, Any] = {"prog": f"{PROG} cv", "default_env": True, "env_prefix": "TL_PROJECT"}
+    run_cv(args, from_sys_argv, TransferLearningCLI, parser_kwargs)
+
+
 def run_check(command: str, args: list[str], from_sys_argv: bool) -> None:
     """`check`: decode every image of an image folder once and report; exit 1 on problems."""
     data, _ = data_module(command, args)
@@ -331,6 +340,10 @@ COMMANDS: dict[str, tuple[str, Runner]] = {
     "tune": (
         "Find a learning rate (range test: lr_find.png, tuned.yaml) and the largest batch, with fit's options.",
         run_tune,
+    ),
+    "cv": (
+        "Cross-validate: fit on k stratified folds (--cv.folds, --cv.test), mean ± std of the accuracy.",
+        run_cross_validation,
     ),
     "optimize": (
         "Write an image folder's splits as LitData shards, to stream from disk or object storage.",

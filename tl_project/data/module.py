@@ -48,7 +48,7 @@ from tl_project.data.datasets import (
 from tl_project.data.folders import Splits, folder_classes, folder_splits, predict_paths
 from tl_project.data.manifest import Manifest
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
-from tl_project.data.splits import SPLITS, stratified_split
+from tl_project.data.splits import SPLITS, fold_split, stratified_split
 from tl_project.data.streaming import LITDATA, ShardDataset, ShardLoader, is_url, read_meta
 from tl_project.errors import UserError, class_mismatch
 from tl_project.runtime import default_num_workers, gather_objects, usable_cores, warn
@@ -93,6 +93,8 @@ class ImageDataModule(L.LightningDataModule):
         check: Literal["full", "header", "off"] = "full",
         cache_dir: str | None = None,
         balance: Literal["none", "sampler", "loss"] = "none",
+        folds: int = 0,
+        fold: int = 0,
     ) -> None:
         """
         Args:
@@ -114,6 +116,8 @@ class ImageDataModule(L.LightningDataModule):
             check: Before use, decode every image (full), read only headers (header), or trust the files (off: images that fail to load are skipped then, with a summary). Results are kept in a manifest.
             cache_dir: Where the data check keeps its manifest; null for $XDG_CACHE_HOME/tl_project or ~/.cache/tl_project.
             balance: For imbalanced classes: sampler draws every class equally often in training; loss weights each class's loss by its rarity; none.
+            folds: Cross-validation: split train and validation images together into this many stratified folds (from seed); 0 for none. The test set is never touched.
+            fold: With folds: the fold that validates; the others train.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -155,6 +159,13 @@ class ImageDataModule(L.LightningDataModule):
         if balance == "sampler" and dataset == LITDATA:
             raise UserError("data.balance sampler needs random access; LitData shards stream: use data.balance loss.")
         self.balance = balance
+        if folds and not (folds >= 2 and 0 <= fold < folds):
+            raise UserError(
+                f"data.folds {folds} and data.fold {fold}: folds must be at least 2, fold in 0..{folds - 1}."
+            )
+        if folds and dataset == LITDATA:
+            raise UserError("Cross-validation re-splits the images; LitData shards hold fixed splits: use the folder.")
+        self.folds, self.fold = folds, fold
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         # Images that failed to load and were left out of their batch, by split (data.check header/off).
         self.unreadable: dict[str, set[int]] = {}
@@ -276,7 +287,10 @@ class ImageDataModule(L.LightningDataModule):
     def _build_named(self) -> None:
         assert self.dataset is not None
         images, labels = read_named(self.dataset, self.named_root, train=True)
-        rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
+        if self.folds:
+            rest, val = fold_split(labels.tolist(), self.folds, self.fold, self.seed)
+        else:
+            rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
         test_images, test_labels = read_named(self.dataset, self.named_root, train=False)
         eval_crop = CropSampler(self.image_size, train=False, preprocessing=self.preprocessing)
         train_crop = CropSampler(self.image_size, self.min_crop_scale) if self.augment else eval_crop
@@ -308,8 +322,14 @@ class ImageDataModule(L.LightningDataModule):
         return eval_transform(self.image_size, self.preprocessing)
 
     def folder_splits(self) -> dict[str, list[tuple[Path, int]]]:
-        """(path, label) samples of train, val and test from the image folder."""
-        return folder_splits(self.root, self.class_names, self.val_split, self.test_split, self.seed)
+        """(path, label) samples of train, val and test from the image folder; with `folds`,
+        train and val are the cross-validation fold's."""
+        splits = folder_splits(self.root, self.class_names, self.val_split, self.test_split, self.seed)
+        if self.folds:
+            pool = splits["train"] + splits["val"]
+            rest, val = fold_split([label for _, label in pool], self.folds, self.fold, self.seed)
+            splits["train"], splits["val"] = [pool[i] for i in rest], [pool[i] for i in val]
+        return splits
 
     def check(
         self,

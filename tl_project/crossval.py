@@ -1,0 +1,121 @@
+"""`python -m tl_project cv --config X --cv.folds 5`: k-fold cross-validation with fit's config.
+
+The training and validation images together are split into `--cv.folds` stratified folds,
+deterministic from `data.seed` (`data.folds` / `data.fold`, see `ImageDataModule`); the
+test set is never touched. Fold i trains on the others and validates on fold i, as an
+ordinary `fit` (LightningCLI, the same options, DDP included) in
+`runs/cv_N/fold_i/version_0/`. The best validation accuracy of each fold (and, with
+`--cv.test true`, the test accuracy of its best checkpoint) goes into `runs/cv_N/cv.json`
+and a printed summary: per fold, then mean ± standard deviation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from tl_project.errors import UserError
+from tl_project.runtime import say
+
+# Where the processes of a DDP run find the cv folder rank zero chose (they start later).
+CV_DIR_ENV = "TL_PROJECT_CV_DIR"
+
+
+def take_option(args: list[str], option: str, default: str) -> tuple[str, list[str]]:
+    """The value of `option` (`--option V` or `--option=V`) and `args` without it."""
+    rest, value, skip = [], default, False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == option and i + 1 < len(args):
+            value, skip = args[i + 1], True
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return value, rest
+
+
+def cv_folder(root: Path) -> Path:
+    """A new `root/cv_N`, or the one rank zero chose (in a DDP process it started)."""
+    if os.environ.get(CV_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":  # a process DDP started
+        return Path(os.environ[CV_DIR_ENV])
+    root.mkdir(parents=True, exist_ok=True)
+    taken = {int(p.name[3:]) for p in root.glob("cv_*") if p.name[3:].isdigit()}
+    folder = root / f"cv_{max(taken, default=-1) + 1}"
+    folder.mkdir()
+    os.environ[CV_DIR_ENV] = str(folder)  # inherited by the processes DDP starts
+    return folder
+
+
+def run_cv(args: list[str], from_sys_argv: bool, cli_class: Any, parser_kwargs: dict[str, Any]) -> None:
+    """Fit every fold, then summarise."""
+    if from_sys_argv:
+        sys.argv[1:] = ["cv", *args]  # DDP re-launches this process with sys.argv: the whole loop
+    folds_text, args = take_option(args, "--cv.folds", "5")
+    test_text, args = take_option(args, "--cv.test", "false")
+    try:
+        folds = int(folds_text)
+    except ValueError:
+        folds = 0
+    if folds < 2:
+        raise UserError(f"--cv.folds is {folds_text}; it must be an integer of at least 2.")
+    if test_text.lower() not in ("true", "false"):
+        raise UserError(f"--cv.test is {test_text}; pass true or false.")
+    root_option, _ = take_option(args, "--trainer.default_root_dir", "runs")
+    folder = cv_folder(Path(root_option))
+    try:
+        results = fit_folds(args, folds, test_text.lower() == "true", folder, cli_class, parser_kwargs)
+    finally:
+        os.environ.pop(CV_DIR_ENV, None)
+    if not results:  # not rank zero
+        return
+    summary = summarise(results)
+    (folder / "cv.json").write_text(json.dumps({"folds": results, **summary}, indent=1) + "\n")
+    say(format_summary(results, summary) + f"\nWritten to {folder / 'cv.json'}")
+
+
+def fit_folds(
+    args: list[str], folds: int, test: bool, folder: Path, cli_class: Any, parser_kwargs: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Fit (and test) every fold; the results per fold, on rank zero (an empty list elsewhere)."""
+    results: list[dict[str, Any]] = []
+    for fold in range(folds):
+        fold_args = [*args, "--data.folds", str(folds), "--data.fold", str(fold)]
+        fold_args += ["--trainer.default_root_dir", str(folder / f"fold_{fold}")]
+        say(f"Cross-validation fold {fold + 1} of {folds}")
+        cli = cli_class(args=["fit", *fold_args], parser_kwargs=parser_kwargs)
+        trainer = cli.trainer
+        score = trainer.checkpoint_callback.best_model_score
+        row: dict[str, Any] = {"fold": fold, "run": str(trainer.log_dir), "val_acc": float(score)}
+        if test:
+            trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", weights_only=True)
+            row["test_acc"] = float(trainer.callback_metrics["test/acc"])
+        results.append(row)
+    return results if trainer.is_global_zero else []
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation (n - 1) of each metric over the folds."""
+    summary = {}
+    for key in ("val_acc", "test_acc"):
+        values = [row[key] for row in results if key in row]
+        if values:
+            summary[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values)}
+    return summary
+
+
+def format_summary(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = [f"Cross-validation, {len(results)} folds:"]
+    for row in results:
+        test = f", test accuracy {100 * row['test_acc']:.2f} %" if "test_acc" in row else ""
+        lines.append(f"  fold {row['fold']}: validation accuracy {100 * row['val_acc']:.2f} %{test}  ({row['run']})")
+    for key, name in (("val_acc", "validation"), ("test_acc", "test")):
+        if key in summary:
+            mean, std = 100 * summary[key]["mean"], 100 * summary[key]["std"]
+            lines.append(f"Mean {name} accuracy: {mean:.2f} ± {std:.2f} %")
+    return "\n".join(lines)
