@@ -49,7 +49,7 @@ from tl_project.data.folders import Splits, folder_classes, folder_splits, predi
 from tl_project.data.manifest import Manifest
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, fold_split, stratified_split
-from tl_project.data.streaming import LITDATA, ShardDataset, ShardLoader, is_url, read_meta
+from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, ShardLoader, is_url, read_meta
 from tl_project.errors import UserError, class_mismatch
 from tl_project.runtime import default_num_workers, gather_objects, usable_cores, warn
 from tl_project.transforms import (
@@ -265,7 +265,7 @@ class ImageDataModule(L.LightningDataModule):
                     "folders, or add images."
                 )
 
-    def _shard_split(self, split: str) -> ShardDataset:
+    def _shard_split(self, split: str) -> ShardDataset | ShardItems:
         sizes = self.shard_meta.get("splits", {})
         if not sizes.get(split):
             hint = " --data.predict_dir DIR" if split == "predict" else ""
@@ -280,9 +280,11 @@ class ImageDataModule(L.LightningDataModule):
             else self._eval_transform()
         )
         assert self.shards is not None
-        # Evaluation counts every image once: no items dropped to even out the processes.
-        drop_last = None if split == "train" else False
-        return ShardDataset(self.shards, split, transform, self.seed, shuffle=split == "train", drop_last=drop_last)
+        if split == "train":
+            return ShardDataset(self.shards, split, transform, self.seed, shuffle=True, drop_last=None)
+        # By index, through the folders' loaders: each image evaluated exactly once under DDP.
+        by_index = ShardDataset(self.shards, split, transform, self.seed, shuffle=False, drop_last=False)
+        return ShardItems(by_index, int(sizes[split]), transform)
 
     def _build_named(self) -> None:
         assert self.dataset is not None
@@ -369,8 +371,8 @@ class ImageDataModule(L.LightningDataModule):
     # -- loaders --
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if self.shards:
-            return self._shard_loader(split, train)
+        if self.shards and train:
+            return self._shard_loader(split)
         dataset: ImageDataset | LabelsOnly = self.datasets[split]
         labels_only = train and self.train_labels_only
         if labels_only:
@@ -398,15 +400,23 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
         )
 
-    def _shard_loader(self, split: str, train: bool) -> DataLoader:
-        """LitData's loader: it shares the chunks out between processes and workers, and its
-        position in the epoch is saved in checkpoints (Lightning saves stateful loaders)."""
-        if train and self.train_labels_only:
+    def _shard_loader(self, split: str) -> DataLoader:
+        """LitData's loader for training: it shares the chunks out between processes and
+        workers, and its position in the epoch is saved in checkpoints (Lightning saves
+        stateful loaders)."""
+        if self.train_labels_only:
             raise UserError("model.cache_features needs an image folder or a named dataset, not litdata shards.")
         trainer = self.trainer
+        size, world = int(self.shard_meta["splits"][split]), trainer.world_size if trainer is not None else 1
+        if world > 1 and size // world < self.batch_size:
+            raise UserError(
+                f"{size} training images are too few for {world} processes with batches of {self.batch_size}: "
+                "lower --data.batch_size or --trainer.devices."
+            )
         return ShardLoader(
             self.datasets[split],
-            epoch=self._epoch_to_train if train and trainer is not None else None,
+            size,
+            epoch=self._epoch_to_train if trainer is not None else None,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             drop_last=False,

@@ -8,11 +8,13 @@ the image file's encoded bytes, its label, its index in the split and its path; 
 `SHARDS/tl_project.json` with the class names and the split sizes. SHARDS may be a
 local folder or a URL LitData writes to (s3://, gs://, ...).
 
-`--data.dataset litdata --data.root SHARDS` streams them with `ShardDataset` (a
-`litdata.StreamingDataset`) through a `litdata.StreamingDataLoader`: LitData shares
-the chunks out between DDP processes and loader workers and downloads remote ones
-ahead; images are decoded in the workers and transformed as image folders are, and
-augmentation is drawn from `(seed, epoch, index)`.
+`--data.dataset litdata --data.root SHARDS` streams the training split with
+`ShardDataset` (a `litdata.StreamingDataset`) through `ShardLoader` (a
+`litdata.StreamingDataLoader`): LitData shares the chunks out between DDP processes and
+loader workers and downloads remote ones ahead; images are decoded in the workers and
+transformed as image folders are, and augmentation is drawn from `(seed, epoch, index)`.
+Validation, test and predict read their split by index (`ShardItems`), with the image
+folders' loaders and samplers: each image exactly once under DDP.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from litdata import StreamingDataLoader, StreamingDataset, optimize
 # pyproject.toml and watched by tests/test_cli.py::test_private_lightning_members_in_use_still_exist).
 from litdata.streaming.fs_provider import _get_fs_provider
 
+from tl_project.data.datasets import ImageDataset
 from tl_project.data.images import decode_image_bytes
 from tl_project.errors import UserError
 
@@ -162,16 +165,49 @@ class ShardDataset(StreamingDataset):
         return str(StreamingDataset.__getitem__(self, index)["path"])
 
 
+class ShardItems(ImageDataset):
+    """A split of the shards read by index (LitData's random access into its chunks), for
+    validation, test and predict: then the loaders and samplers of image folders apply, and
+    under DDP every image is evaluated exactly once, whatever the number of chunks."""
+
+    def __init__(self, shards: ShardDataset, size: int, transform: Callable) -> None:
+        super().__init__(transform)
+        self.shards, self.size = shards, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.shards.load(index)
+
+    def target(self, index: int) -> int:
+        return int(StreamingDataset.__getitem__(self.shards, index)["label"])
+
+    def describe(self, index: int) -> str:
+        return self.shards.describe(index)
+
+
 class ShardLoader(StreamingDataLoader):
     """LitData's loader, with its epoch (which orders the shuffle) taken from `epoch()` (the
     Trainer's) at the start of each epoch. LitData keeps its own count, which starts again at
     the first epoch when a run resumes from a checkpoint saved at the end of an epoch; this
     way the resumed epoch reads what it would have read in an uninterrupted run. A run
-    resumed in the middle of an epoch continues from LitData's saved position."""
+    resumed in the middle of an epoch continues from LitData's saved position. Under DDP
+    each process trains the same number of whole batches (`__len__`)."""
 
-    def __init__(self, dataset: ShardDataset, epoch: Callable[[], int] | None = None, **kwargs: Any) -> None:
+    def __init__(self, dataset: ShardDataset, size: int, epoch: Callable[[], int] | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
-        self.epoch = epoch
+        self.size, self.epoch = size, epoch
+
+    def __len__(self) -> int:
+        """Batches per process. Under DDP every process must train the same number of batches:
+        whole batches of an equal share, for all of them (LitData 0.2.76 counted one batch more
+        on one process than it gave it, and the processes fell out of step)."""
+        world = self.dataset.distributed_env.world_size
+        if world == 1:
+            return super().__len__()
+        assert self.batch_size is not None
+        return (self.size // world) // self.batch_size
 
     def __iter__(self) -> Any:
         if self.epoch is not None and not self.restore:
