@@ -65,6 +65,7 @@ def fit_and_test(name: str, root: Path, weights: str, args: argparse.Namespace, 
             *("--data.batch_size", str(args.batch_size), "--data.val_split", "0.2"),
             *("--trainer.max_epochs", str(args.epochs), "--trainer.default_root_dir", str(runs)),
             *common,
+            *getattr(args, "extra", []),  # more flags (scripts/recipe_benchmark.py)
         ]
     )
     best = run_dir(runs) / "checkpoints" / "best.ckpt"
