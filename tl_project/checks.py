@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import astuple, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -267,3 +268,17 @@ def usable(
         warn("\n".join(notes))
     bad = report.bad_paths
     return {split: [(p, label) for p, label in samples if p not in bad] for split, samples in splits.items()}
+
+
+def unreadable_summary(datasets: Mapping[str, Any], skipped: Mapping[str, set[int]], level: str) -> str:
+    """The warning for images left out when they failed to load (`skipped`: dataset indices by
+    split, data.check header/off), each file with why (looked at once more here)."""
+    lines = []
+    for split, indices in sorted(skipped.items()):
+        for index in sorted(indices):
+            path = datasets[split].describe(index)
+            lines.append(f"  {split}: {path}: {inspect_file(Path(path)).detail}")
+    return (
+        f"Left out {len(lines)} image{'s' if len(lines) > 1 else ''} that could not be loaded (--data.check {level}); "
+        "remove or replace them, or check them with python -m tl_project check:\n" + "\n".join(lines)
+    )

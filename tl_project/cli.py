@@ -241,33 +241,9 @@ def data_module(command: str, args: list[str], **extra: dict[str, Any]) -> tuple
     return data, config
 
 
-class TuneCLI(TransferLearningCLI):
-    """`fit`'s options plus `--tune.*`; its Trainer runs the range test: `tune.steps` steps, no
-    validation, no checkpoints."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.add_argument("--tune.min_lr", type=float, default=1e-7, help="The range test's first learning rate.")
-        parser.add_argument("--tune.max_lr", type=float, default=1.0, help="Its last learning rate.")
-        parser.add_argument(
-            "--tune.steps", type=int, default=100, help="Its training steps (fewer if the loss diverges)."
-        )
-        parser.add_argument(
-            "--tune.batch_size", type=bool, default=False, help="First find the largest batch that fits the device."
-        )
-        parser.add_argument("--tune.max_batch_size", type=int, default=1024, help="The largest batch size tried.")
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        steps = self.config["tune"]["steps"]
-        kwargs |= {"max_steps": steps, "max_epochs": -1, "limit_val_batches": 0, "num_sanity_val_steps": 0}
-        trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint | FitSummary)]  # type: ignore[attr-defined]
-        return trainer
-
-
 def run_tune(command: str, args: list[str], from_sys_argv: bool) -> None:
     """`tune`: the learning-rate range test with fit's config and flags (`tune.py`)."""
-    from tl_project.tune import run_range_test
+    from tl_project.tune import TuneCLI, run_range_test
 
     parser_kwargs: dict[str, Any] = {"prog": f"{PROG} tune", "description": COMMANDS[command][0]}
     parser_kwargs |= {"default_env": True, "env_prefix": "TL_PROJECT"}

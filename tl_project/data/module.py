@@ -35,7 +35,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
-from tl_project.checks import DataReport, check_images, inspect_file, usable
+from tl_project.checks import DataReport, check_images, unreadable_summary, usable
 from tl_project.data.datasets import (
     BalancedEpochSampler,
     EpochSampler,
@@ -49,7 +49,7 @@ from tl_project.data.folders import Splits, folder_classes, folder_splits, predi
 from tl_project.data.manifest import Manifest
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, fold_split, stratified_split
-from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, ShardLoader, is_url, read_meta
+from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, is_url, read_meta, shard_loader, shard_split
 from tl_project.errors import UserError, class_mismatch
 from tl_project.runtime import default_num_workers, gather_objects, usable_cores, warn
 from tl_project.transforms import (
@@ -266,25 +266,13 @@ class ImageDataModule(L.LightningDataModule):
                 )
 
     def _shard_split(self, split: str) -> ShardDataset | ShardItems:
-        sizes = self.shard_meta.get("splits", {})
-        if not sizes.get(split):
-            hint = " --data.predict_dir DIR" if split == "predict" else ""
-            raise UserError(
-                f"The shards at {self.shards} have no {split} images (splits: {sizes}). "
-                f"Write them with python -m tl_project optimize{hint} --output {self.shards}."
-            )
-        augment = split == "train" and self.augment
+        assert self.shards is not None
         transform = (
             train_transform(self.image_size, self.min_crop_scale, self.preprocessing)
-            if augment
+            if split == "train" and self.augment
             else self._eval_transform()
         )
-        assert self.shards is not None
-        if split == "train":
-            return ShardDataset(self.shards, split, transform, self.seed, shuffle=True, drop_last=None)
-        # By index, through the folders' loaders: each image evaluated exactly once under DDP.
-        by_index = ShardDataset(self.shards, split, transform, self.seed, shuffle=False, drop_last=False)
-        return ShardItems(by_index, int(sizes[split]), transform)
+        return shard_split(self.shards, self.shard_meta, split, transform, self.seed)
 
     def _build_named(self) -> None:
         assert self.dataset is not None
@@ -401,35 +389,17 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def _shard_loader(self, split: str) -> DataLoader:
-        """LitData's loader for training: it shares the chunks out between processes and
-        workers, and its position in the epoch is saved in checkpoints (Lightning saves
-        stateful loaders)."""
         if self.train_labels_only:
             raise UserError("model.cache_features needs an image folder or a named dataset, not litdata shards.")
         trainer = self.trainer
-        size, world = int(self.shard_meta["splits"][split]), trainer.world_size if trainer is not None else 1
-        if world > 1 and size // world < self.batch_size:
-            raise UserError(
-                f"{size} training images are too few for {world} processes with batches of {self.batch_size}: "
-                "lower --data.batch_size or --trainer.devices."
-            )
-        return ShardLoader(
+        return shard_loader(
             self.datasets[split],
-            size,
-            epoch=self._epoch_to_train if trainer is not None else None,
+            int(self.shard_meta["splits"][split]),
+            trainer,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            drop_last=False,
             pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
         )
-
-    def _epoch_to_train(self) -> int:
-        """The epoch the Trainer is about to train. When it resumes from the end of an epoch, its
-        loader is made before `current_epoch` (the completed epochs) counts that one: the fit
-        loop's processed epochs do (Lightning 2.6)."""
-        assert self.trainer is not None
-        processed = self.trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]
-        return max(self.trainer.current_epoch, processed)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
         """Items of images that failed to load (data.check header/off) leave the batch here,
@@ -452,19 +422,7 @@ class ImageDataModule(L.LightningDataModule):
         self.unreadable = {}
         if not gathered:
             return
-        lines = [
-            f"  {split}: {self.datasets[split].describe(index)}: {inspect_file(self._path(split, index)).detail}"
-            for split, indices in sorted(gathered.items())
-            for index in sorted(indices)
-        ]
-        warn(
-            f"Left out {len(lines)} image{'s' if len(lines) > 1 else ''} that could not be loaded "
-            f"(--data.check {self.check_level}); "
-            "remove or replace them, or check them with python -m tl_project check:\n" + "\n".join(lines)
-        )
-
-    def _path(self, split: str, index: int) -> Path:
-        return Path(self.datasets[split].describe(index))
+        warn(unreadable_summary(self.datasets, gathered, self.check_level))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> tuple[torch.Tensor, ...]:
         """uint8 images on the device to normalised floats; in-memory images are cropped,

@@ -213,3 +213,40 @@ class ShardLoader(StreamingDataLoader):
         if self.epoch is not None and not self.restore:
             self.current_epoch = self.epoch()  # LitData counts from 1: its __iter__ adds it
         return super().__iter__()
+
+
+def shard_split(shards: str, meta: dict[str, Any], split: str, transform: Callable, seed: int) -> Any:
+    """`split` of `shards`: streamed (`ShardDataset`) for training, by index (`ShardItems`) else."""
+    sizes = meta.get("splits", {})
+    if not sizes.get(split):
+        hint = " --data.predict_dir DIR" if split == "predict" else ""
+        raise UserError(
+            f"The shards at {shards} have no {split} images (splits: {sizes}). "
+            f"Write them with python -m tl_project optimize{hint} --output {shards}."
+        )
+    if split == "train":
+        return ShardDataset(shards, split, transform, seed, shuffle=True, drop_last=None)
+    # By index, through the folders' loaders: each image evaluated exactly once under DDP.
+    by_index = ShardDataset(shards, split, transform, seed, shuffle=False, drop_last=False)
+    return ShardItems(by_index, int(sizes[split]), transform)
+
+
+def shard_loader(dataset: ShardDataset, size: int, trainer: Any, batch_size: int, **kwargs: Any) -> ShardLoader:
+    """LitData's loader for training (`ShardLoader`), its epoch from `trainer`'s (if any): it
+    shares the chunks out between processes and workers, and its position in the epoch is
+    saved in checkpoints (Lightning saves stateful loaders)."""
+    world = trainer.world_size if trainer is not None else 1
+    if world > 1 and size // world < batch_size:
+        raise UserError(
+            f"{size} training images are too few for {world} processes with batches of {batch_size}: "
+            "lower --data.batch_size or --trainer.devices."
+        )
+    epoch = (lambda: epoch_to_train(trainer)) if trainer is not None else None
+    return ShardLoader(dataset, size, epoch=epoch, batch_size=batch_size, drop_last=False, **kwargs)
+
+
+def epoch_to_train(trainer: Any) -> int:
+    """The epoch `trainer` is about to train. When it resumes from the end of an epoch, its
+    loader is made before `current_epoch` (the completed epochs) counts that one: the fit
+    loop's processed epochs do (Lightning 2.6)."""
+    return max(trainer.current_epoch, trainer.fit_loop.epoch_progress.current.processed)
