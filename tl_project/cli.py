@@ -368,6 +368,17 @@ def quiet_lightning() -> None:
             logger.addFilter(_Notices())
 
 
+def leave_together() -> None:
+    """After a distributed command, every process waits for the others, then the process group
+    is closed here rather than at interpreter exit (where gloo could abort one process whose
+    peer had already gone: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Run the command line with `args` (default: `sys.argv[1:]`)."""
     quiet_lightning()
@@ -383,6 +394,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if command not in COMMANDS:
             raise UserError(f"Unknown command {command!r}.\n{usage()}")
         COMMANDS[command][1](command, rest, args is None)
+        leave_together()
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
