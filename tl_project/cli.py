@@ -188,14 +188,26 @@ def as_list(value: Any) -> list[Any]:
     return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
-def option_value(args: Sequence[str], option: str) -> str | None:
-    """The value of `option` in `args` (`--option VALUE` or `--option=VALUE`), if given."""
+def take_option(args: Sequence[str], option: str, default: Any) -> tuple[Any, list[str]]:
+    """The value of `option` (`--option V` or `--option=V`; the last one given, as the parser
+    takes it, else `default`) and `args` without it."""
+    rest, value, skip = [], default, False
     for i, arg in enumerate(args):
-        if arg == option and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(option + "="):
-            return arg.split("=", 1)[1]
-    return None
+        if skip:
+            skip = False
+        elif arg == option and i + 1 < len(args):
+            value, skip = args[i + 1], True
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return value, rest
+
+
+def option_value(args: Sequence[str], option: str) -> str | None:
+    """The value of `option` in `args` (`--option VALUE` or `--option=VALUE`), if given; the
+    last one given, as the parser takes it."""
+    return take_option(args, option, None)[0]
 
 
 # --- the commands ----------------------------------------------------------------

@@ -18,26 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tl_project.cli import take_option
 from tl_project.errors import UserError
 from tl_project.runtime import say
 
 # Where the processes of a DDP run find the cv folder rank zero chose (they start later).
 CV_DIR_ENV = "TL_PROJECT_CV_DIR"
-
-
-def take_option(args: list[str], option: str, default: str) -> tuple[str, list[str]]:
-    """The value of `option` (`--option V` or `--option=V`) and `args` without it."""
-    rest, value, skip = [], default, False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-        elif arg == option and i + 1 < len(args):
-            value, skip = args[i + 1], True
-        elif arg.startswith(option + "="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return value, rest
 
 
 def cv_folder(root: Path) -> Path:

@@ -190,11 +190,12 @@ class ImageDataModule(L.LightningDataModule):
         if self.shards:
             counts = self.shard_meta.get("train_counts") or {}
             return [int(counts.get(name, 0)) for name in self.class_names]
-        dataset = self.datasets["train"]
-        found = torch.bincount(
-            torch.tensor([dataset.target(i) for i in range(len(dataset))]), minlength=self.num_classes
-        )
-        return found.tolist()
+        return torch.bincount(torch.tensor(self._targets("train")), minlength=self.num_classes).tolist()
+
+    def _targets(self, split: str) -> list[int]:
+        """The label of every item of `split`, in index order, without reading an image."""
+        dataset = self.datasets[split]
+        return [dataset.target(i) for i in range(len(dataset))]
 
     @property
     def num_classes(self) -> int:
@@ -370,8 +371,7 @@ class ImageDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler: Sampler | None = None
         if train and self.balance == "sampler":
-            targets = [self.datasets[split].target(i) for i in range(len(dataset))]
-            sampler = BalancedEpochSampler(dataset, targets, num_replicas=world, rank=rank, seed=self.seed)
+            sampler = BalancedEpochSampler(dataset, self._targets(split), num_replicas=world, rank=rank, seed=self.seed)
         elif train:
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         elif world > 1 and len(dataset) >= world:
