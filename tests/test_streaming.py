@@ -12,10 +12,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import ACCURACY_LINE, QUIET, RECORD_ENV, exit_code, read_csv, run_dirs
 from tl_project import main
+from tl_project.data import ImageDataModule
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
@@ -50,6 +52,7 @@ def test_optimize_writes_a_litdata_dataset_per_split(shards: Path) -> None:
     assert meta["classes"] == ["cat", "dog", "fish"]
     assert meta["splits"] == {"train": 54, "val": 6, "test": 26, "predict": 3}
     assert meta["predict_paths"][0].endswith("photos/x/000.png")
+    assert meta["order"] == "shuffled"
     for split in meta["splits"]:
         assert (shards / split / "index.json").is_file()
 
@@ -82,6 +85,30 @@ def test_clear_errors(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None
     assert "holds other files" in capfd.readouterr().err and (taken / "thesis.tex").read_text() == "mine"
     assert exit_code(_shards_args(tmp_path / "nothing", tmp_path / "runs")) == 2
     assert "No shards written by tl_project" in capfd.readouterr().err
+
+
+def test_training_batches_from_shards_mix_the_classes(tmp_path: Path) -> None:
+    """The folder lists its images class by class; the shards' training batches must mix them
+    as the folder's sampler does (shards written in folder order gave batches of one or two
+    classes, and a model from them fell to near chance)."""
+    images = make_image_folder(tmp_path / "images", COLORS, per_class=60, size=16)
+    main(["optimize", "--data.root", str(images), "--output", str(tmp_path / "shards")])
+    data = ImageDataModule(dataset="litdata", root=str(tmp_path / "shards"), batch_size=24, num_workers=0)
+    data.setup("fit")
+    counts = [torch.bincount(labels, minlength=3).tolist() for _, labels, _ in data.train_dataloader()]
+    assert sum(map(sum, counts)) == 144
+    assert all(min(count) >= 3 for count in counts), counts  # every batch holds every class
+
+
+def test_shards_in_folder_order_are_refused_for_training(
+    shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    meta_file = shards / "tl_project.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["order"]  # as written by the earlier version
+    meta_file.write_text(json.dumps(meta))
+    assert exit_code(_shards_args(shards, tmp_path / "runs")) == 2
+    assert "Write them again" in capfd.readouterr().err
 
 
 def _epochs(record: Path) -> dict[int, list[int]]:

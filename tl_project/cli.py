@@ -299,8 +299,8 @@ def run_optimize(command: str, args: list[str], from_sys_argv: bool) -> None:
     if data.predict_dir:
         data.setup("predict")
         splits["predict"] = [(path, -1) for path in data.predict_paths]
-    settings = {"source": str(data.root), "seed": data.seed, "val_split": data.val_split, "test_split": data.test_split}
-    sizes = write_shards(splits, data.class_names, output, data.root, usable_cores(), settings)
+    settings = {"source": str(data.root), "val_split": data.val_split, "test_split": data.test_split}
+    sizes = write_shards(splits, data.class_names, output, data.root, usable_cores(), data.seed, settings)
     say(
         f"Wrote {', '.join(f'{split} {n}' for split, n in sizes.items())} images to {output}. "
         f"Use them with --data.dataset litdata --data.root {output}"

@@ -52,3 +52,10 @@ def fold_split(labels: Sequence[int], folds: int, fold: int, seed: int) -> tuple
     """(train, validation) indices of cross-validation fold `fold` of `folds`."""
     parts = stratified_folds(labels, folds, seed)
     return sorted(i for k, part in enumerate(parts) if k != fold for i in part), parts[fold]
+
+
+def permutation(n: int, seed: int) -> list[int]:
+    """`range(n)` in a random order, deterministic from `seed`."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order

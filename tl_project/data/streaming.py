@@ -6,7 +6,11 @@ data check, `data.on_bad_image`), splits it as `fit` would (`seed`, `val_split`,
 `SHARDS/{train,val,test}/` (and `SHARDS/predict/` with `--data.predict_dir`), each item
 the image file's encoded bytes, its label, its index in the split and its path; plus
 `SHARDS/tl_project.json` with the class names and the split sizes. SHARDS may be a
-local folder or a URL LitData writes to (s3://, gs://, ...).
+local folder or a URL LitData writes to (s3://, gs://, ...). The labelled splits are
+written in a random order drawn from `seed`, so that every chunk mixes the classes: a
+folder lists its images class by class, and LitData shuffles chunks and blocks of items
+within a chunk, never items across chunks, so shards written in folder order train on
+batches of one or two classes.
 
 `--data.dataset litdata --data.root SHARDS` streams the training split with
 `ShardDataset` (a `litdata.StreamingDataset`) through `ShardLoader` (a
@@ -35,12 +39,16 @@ from litdata.streaming.fs_provider import _get_fs_provider
 
 from tl_project.data.datasets import ImageDataset
 from tl_project.data.images import decode_image_bytes
+from tl_project.data.splits import permutation
 from tl_project.errors import UserError
 
 LITDATA = "litdata"  # the data.dataset value of shards
 META = "tl_project.json"
 # Chunk size of the shards: large enough to stream efficiently, small enough to share out.
 CHUNK_BYTES = "64MB"
+# How the items of the labelled splits are ordered (`tl_project.json`'s "order"); shards
+# without it were written in folder order, class by class, and cannot train well.
+ORDER = "shuffled"
 
 
 def is_url(location: str) -> bool:
@@ -64,14 +72,19 @@ def write_shards(
     output: str,
     base: Path | None,
     workers: int,
+    seed: int,
     settings: Mapping[str, Any],
 ) -> dict[str, int]:
     """Write each split of `splits` as a LitData dataset under `output/<split>`, and the
-    metadata; item paths are relative to `base` when under it. Returns the split sizes."""
+    metadata; item paths are relative to `base` when under it. The labelled splits are
+    written in a random order drawn from `seed` (predict keeps its order: predictions.csv
+    lists the files as found). Returns the split sizes."""
     sizes = {}
     for split, samples in splits.items():
         if not samples:
             continue
+        if split != "predict":
+            samples = [samples[i] for i in permutation(len(samples), seed)]
         jobs = [(str(path), label, index, _relative(path, base)) for index, (path, label) in enumerate(samples)]
         optimize(
             fn=_item,
@@ -86,7 +99,7 @@ def write_shards(
             verbose=False,
         )
         sizes[split] = len(jobs)
-    meta: dict[str, Any] = {"classes": list(class_names), "splits": sizes, **settings}
+    meta: dict[str, Any] = {"classes": list(class_names), "splits": sizes, "order": ORDER, "seed": seed, **settings}
     if "train" in splits:  # for data.balance loss
         meta["train_counts"] = {name: 0 for name in class_names}
         for _, label in splits["train"]:
@@ -138,7 +151,9 @@ class ShardDataset(StreamingDataset):
     def __init__(
         self, shards: str, split: str, transform: Callable, seed: int, shuffle: bool, drop_last: bool | None
     ) -> None:
-        super().__init__(join(shards, split), shuffle=shuffle, seed=seed, drop_last=drop_last)
+        # item_shuffle_window 0: a full permutation of the items within each chunk (LitData 0.2.76
+        # shuffles blocks of 256 consecutive items by default), as the folders' sampler shuffles.
+        super().__init__(join(shards, split), shuffle=shuffle, seed=seed, drop_last=drop_last, item_shuffle_window=0)
         self.image_transform = transform
 
     def __getitem__(self, index: Any) -> Any:
@@ -210,9 +225,12 @@ class ShardLoader(StreamingDataLoader):
         return (self.size // world) // self.batch_size
 
     def __iter__(self) -> Any:
+        # A generator, as LitData's: the epoch is read when the first batch is drawn, not when
+        # the iterator is made (Lightning makes it early when the number of steps is estimated,
+        # before a resumed run's loops know their epoch).
         if self.epoch is not None and not self.restore:
             self.current_epoch = self.epoch()  # LitData counts from 1: its __iter__ adds it
-        return super().__iter__()
+        yield from super().__iter__()
 
 
 def shard_split(shards: str, meta: dict[str, Any], split: str, transform: Callable, seed: int) -> Any:
@@ -225,6 +243,13 @@ def shard_split(shards: str, meta: dict[str, Any], split: str, transform: Callab
             f"Write them with python -m tl_project optimize{hint} --output {shards}."
         )
     if split == "train":
+        if meta.get("order") != ORDER:
+            raise UserError(
+                f"The shards at {shards} were written by an earlier tl_project in folder order, class by class: "
+                "training batches from them hold one or two classes, which ruins accuracy. Write them again "
+                f"(python -m tl_project optimize --data.root {meta.get('source', 'FOLDER')} --output NEW_FOLDER); "
+                "test, validate and predict still read them."
+            )
         return ShardDataset(shards, split, transform, seed, shuffle=True, drop_last=None)
     # By index, through the folders' loaders: each image evaluated exactly once under DDP.
     by_index = ShardDataset(shards, split, transform, seed, shuffle=False, drop_last=False)
