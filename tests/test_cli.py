@@ -341,6 +341,10 @@ def test_private_lightning_members_in_use_still_exist() -> None:
     assert ModelCheckpoint()._last_global_step_saved == 0
     # model.py: whether DDP was told about unused parameters (finetune gradual).
     assert DDPStrategy(find_unused_parameters=True)._ddp_kwargs == {"find_unused_parameters": True}
+    # recipe.py: an EMA callback's AveragedModel arguments (its update function, which holds the decay).
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    assert "avg_fn" in EMAWeightAveraging(decay=0.9)._kwargs
     # data/streaming.py: LitData's reader/writer of single files on object storage (the shards' metadata).
     from litdata.streaming.fs_provider import _get_fs_provider
 

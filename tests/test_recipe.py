@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, main
 from tl_project.checkpoints import read_checkpoint
 from tl_project.data.datasets import BalancedEpochSampler
-from tl_project.recipe import BatchMix, balanced_class_weights, warmup_cosine
+from tl_project.recipe import EMA, BatchMix, balanced_class_weights, mix_seed, recipe_traps, warm_decay, warmup_cosine
 
 
 def test_warmup_then_cosine_to_zero() -> None:
@@ -35,11 +36,43 @@ def test_warmup_then_cosine_to_zero() -> None:
 def test_mixed_targets_are_class_probabilities(mixup: float, cutmix: float) -> None:
     torch.manual_seed(0)
     images, labels = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    mixed, targets = BatchMix(mixup, cutmix, num_classes=3)(images, labels)
+    mixed, targets = BatchMix(mixup, cutmix, num_classes=3)(images, labels, seed=0)
     assert mixed.shape == images.shape and targets.shape == (8, 3)
     assert torch.allclose(targets.sum(dim=1), torch.ones(8)) and (targets >= 0).all()
     assert not torch.equal(mixed, images)
     assert not BatchMix(0.0, 0.0, 3)
+
+
+def test_a_mix_follows_from_its_seed_alone() -> None:
+    images, labels = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mix = BatchMix(0.2, 1.0, num_classes=3)
+    first = mix(images, labels, seed=mix_seed(42, 3, 5, 0))
+    torch.manual_seed(123)  # the global generator's state does not matter ...
+    again = mix(images, labels, seed=mix_seed(42, 3, 5, 0))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    other = mix(images, labels, seed=mix_seed(42, 3, 6, 0))  # ... the batch does
+    assert not torch.equal(first[0], other[0])
+
+
+def test_the_ema_decay_warms_up_to_its_ceiling() -> None:
+    decays = warm_decay(0.999, torch.tensor([0, 1, 10, 45, 100_000])).tolist()
+    assert decays == pytest.approx([0.1, 2 / 11, 11 / 20, 46 / 55, 0.999])
+    # A 45-step run: what is left of the start in the average (the weights at step 0).
+    left = {name: 1.0 for name in ("warm", "fixed")}
+    for n in range(1, 45):
+        left["warm"] *= float(warm_decay(0.999, torch.tensor(n)))
+        left["fixed"] *= 0.999
+    assert left["fixed"] > 0.95 and left["warm"] < 1e-6
+
+
+def test_recipe_traps_name_what_cannot_pay_off() -> None:
+    lightning_ema = EMAWeightAveraging(decay=0.999)
+    traps = recipe_traps(45, 15, [lightning_ema, EMA(decay=0.999)], 1.0, False, [20, 20])
+    assert len(traps) == 1 and "fixed decay 0.999 averages about 1000 steps" in traps[0]
+    assert recipe_traps(45, 15, [EMA(decay=0.999, warmup=False)], 1.0, False, [])[0].startswith("The EMA's fixed decay")
+    assert not recipe_traps(20_000, 15, [lightning_ema], 1.0, True, [500, 500])
+    assert "warmup_epochs 3 is over half" in recipe_traps(45, 4, [], 3.0, False, [])[0]
+    assert "MixUp/CutMix on 20 training images" in recipe_traps(45, 15, [], 0.0, True, [20, 60])[0]
 
 
 def test_balanced_class_weights() -> None:

@@ -76,7 +76,13 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(image_folder:
 # --- resume to the same result ---
 
 
-def test_resume_gives_the_same_weights_and_schedule_as_one_run(image_folder: Path, tmp_path: Path) -> None:
+MIX = ["--model.backbone", "resnet18", "--model.mixup", "0.2", "--model.cutmix", "1.0"]
+
+
+@pytest.mark.parametrize("extra", [[], MIX], ids=["plain", "mixup-cutmix"])
+def test_resume_gives_the_same_weights_and_schedule_as_one_run(
+    image_folder: Path, tmp_path: Path, extra: list[str]
+) -> None:
     schedule = [
         "--model.lr_scheduler",
         "StepLR",
@@ -84,6 +90,7 @@ def test_resume_gives_the_same_weights_and_schedule_as_one_run(image_folder: Pat
         "1",
         "--model.lr_scheduler.gamma",
         "0.5",
+        *extra,  # MixUp/CutMix draws follow from (seed, epoch, batch): a resumed run mixes the same
     ]
     main(fit_args(image_folder, tmp_path / "straight", "--trainer.max_epochs", "2", *schedule))
     main(fit_args(image_folder, tmp_path / "split", "--trainer.max_epochs", "1", *schedule))

@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError, class_mismatch
-from tl_project.recipe import BatchMix, balanced_class_weights, warmup_cosine
+from tl_project.recipe import BatchMix, balanced_class_weights, mix_seed, recipe_traps, warmup_cosine
 from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
 from tl_project.transforms import Preprocessing
 
@@ -131,6 +131,7 @@ class TransferLearningModel(L.LightningModule):
             self.backbone.requires_grad_(False)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.mix = BatchMix(mixup, cutmix, num_classes)
+        self.data_seed = 0  # the data's seed, taken when fitting starts: MixUp/CutMix draws follow from it
         self.range_test = False  # set by tune: a diverging loss is the range test's end, not an error
         # Training loss weights per class (data.balance loss), set when fitting starts.
         self.class_weights: torch.Tensor | None = None
@@ -238,6 +239,7 @@ class TransferLearningModel(L.LightningModule):
             raise UserError(
                 "model.cache_features trains on fixed features: it cannot mix images (model.mixup, model.cutmix)."
             )
+        self.data_seed = int(getattr(datamodule, "seed", 0))  # MixUp/CutMix draws follow from it
         self.class_weights = None
         if getattr(datamodule, "balance", "none") == "loss":
             self.class_weights = balanced_class_weights(datamodule.class_counts).to(self.device)
@@ -247,6 +249,15 @@ class TransferLearningModel(L.LightningModule):
                     f"{name} {w:.3g}" for name, w in zip(self.class_names, self.class_weights.tolist(), strict=True)
                 )
             )
+        for trap in recipe_traps(
+            int(self.trainer.estimated_stepping_batches),
+            self.trainer.max_epochs or 0,
+            self.trainer.callbacks,  # type: ignore[attr-defined]
+            self.hparams["warmup_epochs"],
+            bool(self.mix),
+            datamodule.class_counts if self.mix and hasattr(datamodule, "class_counts") else [],
+        ):
+            warn(trap)
         if hasattr(datamodule, "train_labels_only"):
             # With the cache, training epochs look features up by index: they need no image.
             datamodule.train_labels_only = bool(self.hparams["cache_features"])
@@ -260,12 +271,13 @@ class TransferLearningModel(L.LightningModule):
 
     # -- steps --
 
-    def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shared_step(self, batch: Batch, stage: str, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) of a batch; logs the stage's loss and metrics."""
         images, labels, indices = batch
         targets = labels
         if stage == "train" and self.mix:
-            images, targets = self.mix(images, labels)  # class probabilities
+            seed = mix_seed(self.data_seed, self.current_epoch, batch_idx, self.global_rank)
+            images, targets = self.mix(images, labels, seed)  # class probabilities
             labels = targets.argmax(dim=1)  # for the training accuracy: the larger share
         if stage == "train" and self._features is not None:
             logits = self._cached_logits(images, indices)
@@ -289,7 +301,7 @@ class TransferLearningModel(L.LightningModule):
             return None
         if self.global_step == 0 and batch_idx == 0 and self._small_for_batchnorm(len(batch[1])):
             warn(small_batch_advice(len(batch[1])))
-        loss, _ = self._shared_step(batch, "train")
+        loss, _ = self._shared_step(batch, "train", batch_idx)
         # The live loss of the step, for the progress bar only.
         self.log("loss", loss, prog_bar=True, logger=False)
         self._stop_unless_finite(loss, len(batch[1]))
