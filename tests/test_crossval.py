@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import COLORS, make_image_folder
-from tests.helpers import exit_code, fit_args
+from tests.helpers import exit_code, fit_args, read_csv
 from tl_project import ImageDataModule, main
 from tl_project.data.splits import stratified_folds
 
@@ -47,13 +47,16 @@ def test_each_fold_validates_on_its_part_and_leaves_test_alone(tmp_path: Path) -
 
 def test_cv_fits_every_fold_and_summarises(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
-    args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "1")[1:]
+    args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "2", "--model.backbone", "resnet18")[1:]
     main(["cv", *args, "--cv.folds", "3", "--cv.test", "true"])
     summary = json.loads((tmp_path / "runs" / "cv_0" / "cv.json").read_text())
     assert [row["fold"] for row in summary["folds"]] == [0, 1, 2]
     assert all((tmp_path / "runs" / "cv_0" / f"fold_{i}" / "version_0" / "checkpoints").is_dir() for i in range(3))
     values = [row["val_acc"] for row in summary["folds"]]
     assert summary["val_acc"]["mean"] == pytest.approx(sum(values) / 3)
+    for row in summary["folds"]:  # each fold scored by its final epoch, not its best
+        final = [r for r in read_csv(Path(row["run"]) / "metrics.csv") if r.get("val/acc")][-1]
+        assert row["val_acc"] == pytest.approx(float(final["val/acc"]))
     assert "test_acc" in summary and all("test_acc" in row for row in summary["folds"])
     out = capfd.readouterr().out
     assert "Mean validation accuracy:" in out and "Mean test accuracy:" in out

@@ -4,9 +4,11 @@ The training and validation images together are split into `--cv.folds` stratifi
 deterministic from `data.seed` (`data.folds` / `data.fold`, see `ImageDataModule`); the
 test set is never touched. Fold i trains on the others and validates on fold i, as an
 ordinary `fit` (LightningCLI, the same options, DDP included) in
-`runs/cv_N/fold_i/version_0/`. The best validation accuracy of each fold (and, with
-`--cv.test true`, the test accuracy of its best checkpoint) goes into `runs/cv_N/cv.json`
-and a printed summary: per fold, then mean ± standard deviation.
+`runs/cv_N/fold_i/version_0/`. Each fold is scored by its final model's validation
+accuracy (and, with `--cv.test true`, that model's test accuracy): the best epoch would be
+chosen on the very images it is scored on, an estimate optimistic by construction. The
+scores go into `runs/cv_N/cv.json` and a printed summary: per fold, then mean ± standard
+deviation.
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ def fit_folds(
         say(f"Cross-validation fold {fold + 1} of {folds}")
         cli = cli_class(args=["fit", *fold_args], parser_kwargs=parser_kwargs)
         trainer = cli.trainer
-        score = trainer.checkpoint_callback.best_model_score
+        # The final model, whose choice did not look at this fold (the best epoch's would).
+        score = trainer.callback_metrics["val/acc"]
         row: dict[str, Any] = {"fold": fold, "run": str(trainer.log_dir), "val_acc": float(score)}
         if test:
-            trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", weights_only=True)
+            trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last", weights_only=True)
             row["test_acc"] = float(trainer.callback_metrics["test/acc"])
         results.append(row)
     return results if trainer.is_global_zero else []
