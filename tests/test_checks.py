@@ -11,7 +11,7 @@ from PIL import Image, ImageFile
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, main
-from tl_project.checks import check_images, inspect_file
+from tl_project.data.checks import check_images, inspect_file
 from tl_project.errors import UserError
 
 

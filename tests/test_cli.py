@@ -22,7 +22,7 @@ import yaml
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, TransferLearningModel, main
-from tl_project.cli import find_config
+from tl_project.lightning_cli import find_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import COLORS, make_image_folder
-from tl_project import ImageDataModule, checks
-from tl_project.checks import check_images, inspect_file, inspect_files
+from tl_project import ImageDataModule
+from tl_project.data import checks
+from tl_project.data.checks import check_images, inspect_file, inspect_files
 from tl_project.data.manifest import Manifest
 
 

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main, runtime
-from tl_project.cli import TransferLearningCLI
+from tl_project.lightning_cli import TransferLearningCLI
 
 # /proc/cpuinfo flags of the kinds of CPU this project runs on.
 CPU_FLAGS = {

@@ -17,7 +17,7 @@ import yaml
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import QUIET, run_dirs
 from tl_project import main
-from tl_project.tune import LRRangeTest, suggest
+from tl_project.commands.tune import LRRangeTest, suggest
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 

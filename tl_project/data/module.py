@@ -35,7 +35,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
-from tl_project.checks import DataReport, check_images, unreadable_summary, usable
+from tl_project.data.checks import DataReport, check_images, unreadable_summary, usable
 from tl_project.data.datasets import (
     BalancedEpochSampler,
     EpochSampler,

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tl_project.cli import take_option
 from tl_project.errors import UserError
+from tl_project.lightning_cli import PROG, TransferLearningCLI, take_option
 from tl_project.runtime import say
 
 # Where the processes of a DDP run find the cv folder rank zero chose (they start later).
@@ -108,3 +108,9 @@ def format_summary(results: list[dict[str, Any]], summary: dict[str, Any]) -> st
             mean, std = 100 * summary[key]["mean"], 100 * summary[key]["std"]
             lines.append(f"Mean {name} accuracy: {mean:.2f} ± {std:.2f} %")
     return "\n".join(lines)
+
+
+def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
+    """`cv`: k-fold cross-validation with fit's config and flags."""
+    parser_kwargs: dict[str, Any] = {"prog": f"{PROG} cv", "default_env": True, "env_prefix": "TL_PROJECT"}
+    run_cv(args, from_sys_argv, TransferLearningCLI, parser_kwargs)

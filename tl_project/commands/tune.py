@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser
 
 from tl_project.callbacks import Checkpoint, FitSummary
-from tl_project.cli import TransferLearningCLI
 from tl_project.errors import UserError
+from tl_project.lightning_cli import PROG, TransferLearningCLI
 from tl_project.runtime import say
 
 
@@ -196,3 +197,13 @@ def run_range_test(trainer: L.Trainer, model: Any, data: Any, options: Any) -> N
     tuned = write_results(folder, test, suggestion, batch_size)
     say(f"Suggested learning rate: {suggestion:.3g} (the range test: {folder / 'lr_find.png'})")
     say(f"Use it: python -m tl_project fit --config YOURS.yaml --config {tuned}")
+
+
+def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
+    """`tune`: the learning-rate range test with fit's config and flags."""
+    parser_kwargs: dict[str, Any] = {"prog": f"{PROG} tune", "description": description}
+    parser_kwargs |= {"default_env": True, "env_prefix": "TL_PROJECT"}
+    if from_sys_argv:
+        sys.argv[1:] = [command, *args]  # DDP re-launches this process with sys.argv
+    cli = TuneCLI(args=args, run=False, parser_kwargs=parser_kwargs)
+    run_range_test(cli.trainer, cli.model, cli.datamodule, cli.config["tune"])

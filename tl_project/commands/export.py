@@ -1,0 +1,43 @@
+"""`export` (a checkpoint to ONNX or TorchScript, see `tl_project.export`) and `predict` from an
+exported .onnx file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from tl_project.export import export, predict_onnx
+
+
+def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
+    main_export(args)
+
+
+def main_export(args: list[str]) -> None:
+    """`python -m tl_project export ...`"""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m tl_project export", description=(export.__doc__ or "").split("\n")[0])
+    parser.add_function_arguments(export, as_positional=False)
+    export(**parser.parse_args(args).as_dict())
+
+
+def main_predict_onnx(args: list[str]) -> None:
+    """`python -m tl_project predict --ckpt_path X.onnx --data.predict_dir DIR ...`"""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m tl_project predict (ONNX)")
+    parser.add_argument("--ckpt_path", required=True, help="The exported .onnx file.")
+    parser.add_argument("--data.predict_dir", required=True, help="A folder (searched recursively) or one image.")
+    parser.add_argument("--data.batch_size", type=int, default=32)
+    parser.add_argument("--data.num_workers", type=int, default=0)
+    parser.add_argument("--data.on_bad_image", type=Literal["error", "skip"], default="error")
+    parser.add_argument("--trainer.default_root_dir", default="runs")
+    config = parser.parse_args(args)
+    predict_onnx(
+        config.ckpt_path,
+        config.data.predict_dir,
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        on_bad_image=config.data.on_bad_image,
+        default_root_dir=config.trainer.default_root_dir,
+    )
