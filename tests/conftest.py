@@ -62,7 +62,7 @@ def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
 
 # Options from the environment rank below config files and flags (LightningCLI's default_env).
 PRECISION_VARIABLES = [
-    f"TL_PROJECT_{command}TRAINER__PRECISION" for command in ("", "FIT__", "VALIDATE__", "TEST__", "PREDICT__")
+    f"TL_PROJECT_{command}__TRAINER__PRECISION" for command in ("FIT", "VALIDATE", "TEST", "PREDICT", "TUNE", "CV")
 ]
 
 

@@ -393,3 +393,67 @@ def test_ddp_on_two_cpu_processes_fit_test_predict(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(run_dirs(tmp_path / "runs")[-1] / "predictions.csv")
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in photos.rglob("*.png"))
+
+
+def test_every_command_takes_its_options_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    images = make_image_folder(tmp_path / "images", COLORS, per_class=4)
+    monkeypatch.setenv("TL_PROJECT_CHECK__DATA__ROOT", str(images))
+    assert exit_code(["check"]) == 0
+    assert "cat" in capfd.readouterr().out
+    monkeypatch.setenv("TL_PROJECT_CV__CV__FOLDS", "3")
+    assert exit_code(["cv", "--print_config"]) == 0
+    assert yaml.safe_load(capfd.readouterr().out)["cv"]["folds"] == 3
+
+
+def test_cv_options_are_parser_options(capfd: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(["cv", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "--cv.folds" in out and "--cv.test" in out and "--model.backbone" in out
+
+
+def test_the_command_table_prints_without_lightning() -> None:
+    code = "import sys; from tl_project import main; assert 'lightning' not in sys.modules, 'lightning imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_import_cycles_in_the_package() -> None:
+    """Every import of a tl_project module, at the top or inside a function, follows the layers
+    one way (cli -> commands -> lightning_cli -> model/data -> the rest)."""
+    import ast
+
+    package = REPO / "tl_project"
+    modules = {
+        ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in package.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tl_project"):
+                targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+                graph[name] |= {t for t in targets if t in modules and t != name}
+        if (node_text := path.read_text()) and 'import_module(f"tl_project.commands.' in node_text:
+            graph[name] |= {m for m in modules if m.startswith("tl_project.commands.")}
+    # A package's __init__ runs before its submodules: importing a.b imports a first.
+    for name in list(graph):
+        for target in list(graph[name]):
+            parent = target.rsplit(".", 1)[0]
+            if parent in modules and parent not in ("tl_project", name) and not name.startswith(parent + "."):
+                graph[name].add(parent)
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = [cycle for name in graph if (cycle := cycle_from(name))]
+    assert not cycles, cycles[0]

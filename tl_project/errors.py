@@ -8,6 +8,9 @@ with status 2.
 
 from __future__ import annotations
 
+# The program, as messages and --help name it.
+PROG = "python -m tl_project"
+
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""

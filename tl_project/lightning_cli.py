@@ -12,14 +12,22 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 - `--ckpt_path last|best` finds the newest run's file; every checkpoint is checked
   (`checkpoints.py`) before Lightning reads it;
 - `fit` checks that the output folder is writable and has room before training (`runtime.py`).
+
+Every command runs inside `launched` (`--config NAME` resolved, `sys.argv` set for DDP's
+re-launch, SIGTERM as exit 143, processes leaving together), and every parser takes its
+options from the environment too (`parser_settings`): `TL_PROJECT_<COMMAND>__<OPTION>`,
+e.g. `TL_PROJECT_FIT__TRAINER__MAX_EPOCHS=1`, `TL_PROJECT_CHECK__DATA__ROOT=my_images`.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import signal
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +38,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
-from tl_project.errors import UserError
+from tl_project.errors import PROG, UserError
 from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
 from tl_project.report import TestReport
 from tl_project.runtime import check_output_dir, choose_precision, say
 
-PROG = "python -m tl_project"
+ENV_PREFIX = "TL_PROJECT"
 CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parent.parent / "configs")
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
@@ -89,7 +98,7 @@ def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
 class TransferLearningCLI(LightningCLI):
     """LightningCLI with tl_project's links, default callbacks and checkpoint-driven evaluation."""
 
-    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, args: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
         super().__init__(
             TransferLearningModel,
@@ -97,7 +106,7 @@ class TransferLearningCLI(LightningCLI):
             args=args,
             auto_configure_optimizers=False,
             seed_everything_default=kwargs.pop("seed_everything_default", 42),
-            parser_kwargs=kwargs.pop("parser_kwargs", {"default_env": True, "env_prefix": "TL_PROJECT"}),
+            parser_kwargs=kwargs.pop("parser_kwargs", {"default_env": True, "env_prefix": ENV_PREFIX}),
             **kwargs,
         )
 
@@ -180,26 +189,50 @@ def as_list(value: Any) -> list[Any]:
     return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
-def take_option(args: Sequence[str], option: str, default: Any) -> tuple[Any, list[str]]:
-    """The value of `option` (`--option V` or `--option=V`; the last one given, as the parser
-    takes it, else `default`) and `args` without it."""
-    rest, value, skip = [], default, False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-        elif arg == option and i + 1 < len(args):
-            value, skip = args[i + 1], True
-        elif arg.startswith(option + "="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return value, rest
-
-
 def option_value(args: Sequence[str], option: str) -> str | None:
     """The value of `option` in `args` (`--option VALUE` or `--option=VALUE`), if given; the
     last one given, as the parser takes it."""
-    return take_option(args, option, None)[0]
+    value = None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def parser_settings(command: str, description: str) -> dict[str, Any]:
+    """The parser settings of a command with a parser of its own (not a Lightning subcommand):
+    its name and description for `--help`, and its options from the environment as
+    `TL_PROJECT_<COMMAND>__<OPTION>` (as LightningCLI names those of `fit` and the others)."""
+    return {
+        "prog": f"{PROG} {command}",
+        "description": description,
+        "default_env": True,
+        "env_prefix": f"{ENV_PREFIX}_{command.upper()}_",  # jsonargparse adds one more "_"
+    }
+
+
+@contextmanager
+def launched(command: str, args: list[str], from_sys_argv: bool) -> Iterator[list[str]]:
+    """What every command runs in; yields `args` with `--config NAME` resolved. `sys.argv` is set
+    to the resolved command line when the command came from it: DDP re-launches this process
+    with `sys.argv`. SIGTERM (a scheduler's notice) ends the command with status 143 and says
+    how to resume; at the end every process of a distributed command waits for the others."""
+    quiet_lightning()
+    resolved = resolve_config_args(args)
+    if from_sys_argv:
+        sys.argv[1:] = [command, *resolved]
+    try:
+        yield resolved
+    except SIGTERMException:
+        print(
+            "Stopped by SIGTERM; last.ckpt holds the state at the stop. "
+            "Resume with the same command plus --ckpt_path last.",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
+    leave_together()
 
 
 def data_module(
@@ -207,7 +240,7 @@ def data_module(
 ) -> tuple[ImageDataModule, Any]:
     """The image-folder data module of `command`'s `--data.*` options (and a config's data section),
     with the parsed config; `extra` adds options: name -> add_argument keywords."""
-    parser = ArgumentParser(prog=f"{PROG} {command}", description=description)
+    parser = ArgumentParser(**parser_settings(command, description))
     parser.add_argument("--config", help="A tl_project config; its data section is used.")
     for name, keywords in extra.items():
         parser.add_argument(name, **keywords)

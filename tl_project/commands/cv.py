@@ -1,4 +1,4 @@
-"""`python -m tl_project cv --config X --cv.folds 5`: k-fold cross-validation with fit's config.
+"""`python -m tl_project cv --config X --cv.folds 5`: k-fold cross-validation with fit's options.
 
 The training and validation images together are split into `--cv.folds` stratified folds,
 deterministic from `data.seed` (`data.folds` / `data.fold`, see `ImageDataModule`); the
@@ -8,7 +8,8 @@ ordinary `fit` (LightningCLI, the same options, DDP included) in
 accuracy (and, with `--cv.test true`, that model's test accuracy): the best epoch would be
 chosen on the very images it is scored on, an estimate optimistic by construction. The
 scores go into `runs/cv_N/cv.json` and a printed summary: per fold, then mean ± standard
-deviation.
+deviation. `--cv.folds` and `--cv.test` are options of the parser like fit's: in `--help`, in
+a config's `cv:` section, and from the environment (`TL_PROJECT_CV__CV__FOLDS=3`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser
+
 from tl_project.errors import UserError
-from tl_project.lightning_cli import PROG, TransferLearningCLI, take_option
+from tl_project.lightning_cli import TransferLearningCLI, launched, parser_settings
 from tl_project.runtime import say
 
 # Where the processes of a DDP run find the cv folder rank zero chose (they start later).
@@ -40,24 +43,29 @@ def cv_folder(root: Path) -> Path:
     return folder
 
 
-def run_cv(args: list[str], from_sys_argv: bool, cli_class: Any, parser_kwargs: dict[str, Any]) -> None:
-    """Fit every fold, then summarise."""
-    if from_sys_argv:
-        sys.argv[1:] = ["cv", *args]  # DDP re-launches this process with sys.argv: the whole loop
-    folds_text, args = take_option(args, "--cv.folds", "5")
-    test_text, args = take_option(args, "--cv.test", "false")
-    try:
-        folds = int(folds_text)
-    except ValueError:
-        folds = 0
+class CrossValidationCLI(TransferLearningCLI):
+    """`fit`'s options plus `--cv.folds` and `--cv.test`. It only parses: every fold builds its own
+    model, data and Trainer (`fit_folds`)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--cv.folds", type=int, default=5, help="Folds: each validates once while the others train."
+        )
+        parser.add_argument("--cv.test", type=bool, default=False, help="Also test each fold's final model.")
+
+    def instantiate_classes(self) -> None:
+        """Nothing to build here: each fold is a fit of its own."""
+
+
+def run_cv(config: Namespace) -> None:
+    """Fit every fold of the parsed `config`, then summarise."""
+    folds, test = config.cv.folds, config.cv.test
     if folds < 2:
-        raise UserError(f"--cv.folds is {folds_text}; it must be an integer of at least 2.")
-    if test_text.lower() not in ("true", "false"):
-        raise UserError(f"--cv.test is {test_text}; pass true or false.")
-    root_option, _ = take_option(args, "--trainer.default_root_dir", "runs")
-    folder = cv_folder(Path(root_option))
+        raise UserError(f"--cv.folds is {folds}; it must be an integer of at least 2.")
+    folder = cv_folder(Path(config.trainer.default_root_dir or "runs"))
     try:
-        results = fit_folds(args, folds, test_text.lower() == "true", folder, cli_class, parser_kwargs)
+        results = fit_folds(config, folds, test, folder)
     finally:
         os.environ.pop(CV_DIR_ENV, None)
     if not results:  # not rank zero
@@ -67,16 +75,18 @@ def run_cv(args: list[str], from_sys_argv: bool, cli_class: Any, parser_kwargs: 
     say(format_summary(results, summary) + f"\nWritten to {folder / 'cv.json'}")
 
 
-def fit_folds(
-    args: list[str], folds: int, test: bool, folder: Path, cli_class: Any, parser_kwargs: dict[str, Any]
-) -> list[dict[str, Any]]:
+def fit_folds(config: Namespace, folds: int, test: bool, folder: Path) -> list[dict[str, Any]]:
     """Fit (and test) every fold; the results per fold, on rank zero (an empty list elsewhere)."""
     results: list[dict[str, Any]] = []
     for fold in range(folds):
-        fold_args = [*args, "--data.folds", str(folds), "--data.fold", str(fold)]
-        fold_args += ["--trainer.default_root_dir", str(folder / f"fold_{fold}")]
+        fold_config = config.clone()
+        for key in ("cv", "config", "__path__"):
+            fold_config.pop(key, None)
+        fold_config.data.folds, fold_config.data.fold = folds, fold
+        fold_config.trainer.default_root_dir = str(folder / f"fold_{fold}")
         say(f"Cross-validation fold {fold + 1} of {folds}")
-        cli = cli_class(args=["fit", *fold_args], parser_kwargs=parser_kwargs)
+        # The options are parsed (the environment included): the folds take them as they are.
+        cli = TransferLearningCLI(args={"fit": fold_config}, parser_kwargs={"default_env": False})
         trainer = cli.trainer
         # The final model, whose choice did not look at this fold (the best epoch's would).
         score = trainer.callback_metrics["val/acc"]
@@ -111,6 +121,7 @@ def format_summary(results: list[dict[str, Any]], summary: dict[str, Any]) -> st
 
 
 def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
-    """`cv`: k-fold cross-validation with fit's config and flags."""
-    parser_kwargs: dict[str, Any] = {"prog": f"{PROG} cv", "default_env": True, "env_prefix": "TL_PROJECT"}
-    run_cv(args, from_sys_argv, TransferLearningCLI, parser_kwargs)
+    """`cv`: k-fold cross-validation with fit's options (DDP re-launches the whole loop)."""
+    with launched(command, args, from_sys_argv) as args:
+        cli = CrossValidationCLI(args=args, run=False, parser_kwargs=parser_settings(command, description))
+        run_cv(cli.config)

@@ -5,33 +5,31 @@ from __future__ import annotations
 
 from typing import Literal
 
+from jsonargparse import ArgumentParser
+
 from tl_project.export import export, predict_onnx
+from tl_project.lightning_cli import launched, parser_settings
 
 
 def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
-    main_export(args)
-
-
-def main_export(args: list[str]) -> None:
     """`python -m tl_project export ...`"""
-    from jsonargparse import ArgumentParser
+    with launched(command, args, from_sys_argv) as args:
+        parser = ArgumentParser(**parser_settings(command, description))
+        parser.add_function_arguments(export, as_positional=False)
+        export(**parser.parse_args(args).as_dict())
 
-    parser = ArgumentParser(prog="python -m tl_project export", description=(export.__doc__ or "").split("\n")[0])
-    parser.add_function_arguments(export, as_positional=False)
-    export(**parser.parse_args(args).as_dict())
 
-
-def main_predict_onnx(args: list[str]) -> None:
+def main_predict_onnx(args: list[str], description: str) -> None:
     """`python -m tl_project predict --ckpt_path X.onnx --data.predict_dir DIR ...`"""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m tl_project predict (ONNX)")
+    parser = ArgumentParser(**parser_settings("predict", f"{description} (an .onnx file: ONNX Runtime)"))
     parser.add_argument("--ckpt_path", required=True, help="The exported .onnx file.")
     parser.add_argument("--data.predict_dir", required=True, help="A folder (searched recursively) or one image.")
-    parser.add_argument("--data.batch_size", type=int, default=32)
-    parser.add_argument("--data.num_workers", type=int, default=0)
-    parser.add_argument("--data.on_bad_image", type=Literal["error", "skip"], default="error")
-    parser.add_argument("--trainer.default_root_dir", default="runs")
+    parser.add_argument("--data.batch_size", type=int, default=32, help="Images per batch.")
+    parser.add_argument("--data.num_workers", type=int, default=0, help="Loader worker processes.")
+    parser.add_argument(
+        "--data.on_bad_image", type=Literal["error", "skip"], default="error", help="Unusable images: stop, or skip."
+    )
+    parser.add_argument("--trainer.default_root_dir", default="runs", help="Where runs/version_N/ goes.")
     config = parser.parse_args(args)
     predict_onnx(
         config.ckpt_path,

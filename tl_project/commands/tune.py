@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from tl_project.callbacks import Checkpoint, FitSummary
 from tl_project.errors import UserError
-from tl_project.lightning_cli import PROG, TransferLearningCLI
+from tl_project.lightning_cli import TransferLearningCLI, launched, parser_settings
 from tl_project.runtime import say
 
 
@@ -201,9 +200,6 @@ def run_range_test(trainer: L.Trainer, model: Any, data: Any, options: Any) -> N
 
 def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
     """`tune`: the learning-rate range test with fit's config and flags."""
-    parser_kwargs: dict[str, Any] = {"prog": f"{PROG} tune", "description": description}
-    parser_kwargs |= {"default_env": True, "env_prefix": "TL_PROJECT"}
-    if from_sys_argv:
-        sys.argv[1:] = [command, *args]  # DDP re-launches this process with sys.argv
-    cli = TuneCLI(args=args, run=False, parser_kwargs=parser_kwargs)
-    run_range_test(cli.trainer, cli.model, cli.datamodule, cli.config["tune"])
+    with launched(command, args, from_sys_argv) as args:
+        cli = TuneCLI(args=args, run=False, parser_kwargs=parser_settings(command, description))
+        run_range_test(cli.trainer, cli.model, cli.datamodule, cli.config["tune"])
