@@ -1,5 +1,5 @@
 """Small callbacks: checkpoints (`best.ckpt`, a current `last.ckpt`), the prediction writer,
-the end-of-fit summary. (The test report's callback is in report.py.)"""
+the end-of-fit summary, the divergence guard. (The test report's callback is in report.py.)"""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_project.runtime import gather_objects, say
+from tl_project.errors import UserError
+from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, gather_objects, say, small_batch_advice
 
 
 class Checkpoint(ModelCheckpoint):
@@ -184,3 +186,40 @@ class FitSummary(Callback):
                 f"({self.images} images in {self.seconds:.1f} s, first batch of each epoch excluded)"
             )
         say(f"Fit took {time.perf_counter() - self._fit_start:.1f} s in all")
+
+
+class DivergenceGuard(Callback):
+    """Stops the run on a NaN or infinite training loss, before it reaches the weights or a
+    checkpoint, on every process together, with the likely causes and their fixes. Part of
+    `fit`'s Trainer; `tune` leaves it out (its range test ends on divergence by design)."""
+
+    def __init__(self) -> None:
+        self.batch_size = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.batch_size = len(batch[1])
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        diverged = not bool(torch.isfinite(loss))
+        if trainer.world_size > 1:  # every rank stops together, none waits for the others
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if not diverged:
+            return
+        # The likely causes first: reduced precision, then batches too small for BatchNorm.
+        advice = []
+        precision = str(trainer.precision)
+        if precision in LOW_PRECISIONS:
+            advice.append(
+                f"It ran in {precision}: --trainer.precision 32-true shows whether the reduced precision is the cause."
+            )
+        if self.batch_size < MIN_BATCHNORM_BATCH and getattr(pl_module, "batchnorm_trains", False):
+            advice.append(small_batch_advice(self.batch_size))
+        advice.append(
+            "Otherwise lower the learning rate (--model.optimizer.init_args.lr), clip gradients "
+            "(--trainer.gradient_clip_val 1.0), or check the data."
+        )
+        raise UserError(
+            f"The training loss is {loss.item()} at epoch {trainer.current_epoch}, step {trainer.global_step} "
+            f"(precision {precision}, batches of {self.batch_size} images per device): training diverged and "
+            "stopped; no checkpoint of it was written.\n" + "\n".join(advice)
+        )

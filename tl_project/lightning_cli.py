@@ -40,7 +40,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_project.callbacks import Checkpoint, FitSummary, PredictionWriter
+from tl_project.callbacks import Checkpoint, DivergenceGuard, FitSummary, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import PROG, UserError
@@ -171,7 +171,7 @@ class TransferLearningCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         callbacks = as_list(config.get("callbacks"))
         if self.subcommand in (None, "fit"):
-            callbacks.append(FitSummary())
+            callbacks += [FitSummary(), DivergenceGuard()]
             if kwargs.get("logger", config.get("logger")):
                 callbacks.append(LearningRateMonitor())
         if self.subcommand == "predict":

@@ -21,7 +21,6 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -29,7 +28,7 @@ from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError, class_mismatch
 from tl_project.recipe import BatchMix, balanced_class_weights, mix_seed, recipe_traps, warmup_cosine
-from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
+from tl_project.runtime import MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
 from tl_project.transforms import Preprocessing
 
 # (images, targets, dataset indices), as ImageDataModule's loaders give them.
@@ -132,7 +131,6 @@ class TransferLearningModel(L.LightningModule):
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.mix = BatchMix(mixup, cutmix, num_classes)
         self.data_seed = 0  # the data's seed, taken when fitting starts: MixUp/CutMix draws follow from it
-        self.range_test = False  # set by tune: a diverging loss is the range test's end, not an error
         # Training loss weights per class (data.balance loss), set when fitting starts.
         self.class_weights: torch.Tensor | None = None
         self.train_metrics = stage_metrics("train", num_classes)
@@ -215,10 +213,9 @@ class TransferLearningModel(L.LightningModule):
         # One pass over every training image, in order, before the first step: later
         # epochs only look features up (shuffling and drop_last cannot leave gaps).
         datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
-        dataset = datamodule.datasets["train"]
+        loader = datamodule.feature_loader()
         self.train()  # Lightning may have restored saved module modes: the frozen backbone is in eval
-        loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
-        self._features = torch.zeros(len(dataset), self.head.in_features, device=self.device)
+        self._features = torch.zeros(len(loader.dataset), self.head.in_features, device=self.device)
         with torch.no_grad():
             for batch in loader:
                 batch = datamodule.on_before_batch_transfer(batch, 0)  # unreadable images out
@@ -249,6 +246,10 @@ class TransferLearningModel(L.LightningModule):
                     f"{name} {w:.3g}" for name, w in zip(self.class_names, self.class_weights.tolist(), strict=True)
                 )
             )
+        if hasattr(datamodule, "train_labels_only"):
+            # With the cache, training epochs look features up by index: they need no image.
+            datamodule.train_labels_only = bool(self.hparams["cache_features"])
+        # Last: estimating the steps builds the training loader, which must know its mode first.
         for trap in recipe_traps(
             int(self.trainer.estimated_stepping_batches),
             self.trainer.max_epochs or 0,
@@ -258,9 +259,6 @@ class TransferLearningModel(L.LightningModule):
             datamodule.class_counts if self.mix and hasattr(datamodule, "class_counts") else [],
         ):
             warn(trap)
-        if hasattr(datamodule, "train_labels_only"):
-            # With the cache, training epochs look features up by index: they need no image.
-            datamodule.train_labels_only = bool(self.hparams["cache_features"])
         ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         needs_flag = self.finetune == "gradual" and self.trainer.world_size > 1 and ddp_kwargs is not None
         if needs_flag and not ddp_kwargs.get("find_unused_parameters"):  # type: ignore[union-attr]
@@ -304,39 +302,10 @@ class TransferLearningModel(L.LightningModule):
         loss, _ = self._shared_step(batch, "train", batch_idx)
         # The live loss of the step, for the progress bar only.
         self.log("loss", loss, prog_bar=True, logger=False)
-        self._stop_unless_finite(loss, len(batch[1]))
         return loss
 
     def _small_for_batchnorm(self, batch_size: int) -> bool:
         return batch_size < MIN_BATCHNORM_BATCH and self.batchnorm_trains
-
-    def _stop_unless_finite(self, loss: torch.Tensor, batch_size: int) -> None:
-        """Stop the run on a NaN or infinite loss, before it reaches the weights or a checkpoint."""
-        if self.range_test:  # the range test (tune) ends on divergence itself
-            return
-        diverged = not bool(torch.isfinite(loss))
-        if self.trainer.world_size > 1:  # every rank stops together, none waits for the others
-            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
-        if not diverged:
-            return
-        # The likely causes first: reduced precision, then batches too small for BatchNorm.
-        advice = []
-        precision = str(self.trainer.precision)
-        if precision in LOW_PRECISIONS:
-            advice.append(
-                f"It ran in {precision}: --trainer.precision 32-true shows whether the reduced precision is the cause."
-            )
-        if self._small_for_batchnorm(batch_size):
-            advice.append(small_batch_advice(batch_size))
-        advice.append(
-            "Otherwise lower the learning rate (--model.optimizer.init_args.lr), clip gradients "
-            "(--trainer.gradient_clip_val 1.0), or check the data."
-        )
-        raise UserError(
-            f"The training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-            f"(precision {precision}, batches of {batch_size} images per device): training diverged and stopped; "
-            "no checkpoint of it was written.\n" + "\n".join(advice)
-        )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         if len(batch[1]):

@@ -29,7 +29,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser
 
-from tl_project.callbacks import Checkpoint, FitSummary
+from tl_project.callbacks import Checkpoint, DivergenceGuard, FitSummary
 from tl_project.errors import UserError
 from tl_project.lightning_cli import TransferLearningCLI, launched, parser_settings
 from tl_project.runtime import say
@@ -55,7 +55,9 @@ class TuneCLI(TransferLearningCLI):
         steps = self.config["tune"]["steps"]
         kwargs |= {"max_steps": steps, "max_epochs": -1, "limit_val_batches": 0, "num_sanity_val_steps": 0}
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint | FitSummary)]  # type: ignore[attr-defined]
+        # No checkpoints, no summary, and no divergence guard: a diverging loss ends the range test.
+        unwanted = Checkpoint | FitSummary | DivergenceGuard
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, unwanted)]  # type: ignore[attr-defined]
         return trainer
 
 
@@ -187,7 +189,6 @@ def run_range_test(trainer: L.Trainer, model: Any, data: Any, options: Any) -> N
         say(f"Largest batch that fits: {batch_size} images per device (searched up to --tune.max_batch_size)")
     test = LRRangeTest(options.min_lr, options.max_lr, options.steps)
     trainer.callbacks.append(test)  # type: ignore[attr-defined]
-    model.range_test = True  # a diverging loss ends the test, not the command
     trainer.fit(model, datamodule=data)
     folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: every process asks
     if not trainer.is_global_zero:

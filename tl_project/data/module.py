@@ -434,6 +434,11 @@ class ImageDataModule(L.LightningDataModule):
             return resized_crops(images, params[0], self.image_size, self.preprocessing), targets, indices
         return normalize(images, self.preprocessing), targets, indices
 
+    def feature_loader(self) -> DataLoader:
+        """Every training image once, in index order, in its training view (unshuffled): what
+        the feature cache (`model.cache_features`) computes the frozen backbone's features of."""
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, num_workers=self.num_workers)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
