@@ -157,3 +157,17 @@ def test_compile_is_in_place_and_keeps_the_checkpoint_keys(monkeypatch: pytest.M
     assert torch.allclose(model.eval()(images), eager.eval()(images), atol=1e-5)
     _train_step(model)  # gradients flow through the compiled backbone
     assert model.backbone.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"cache_features": True}, "--model.finetune head"),
+        ({"cache_features": True, "finetune": "head", "mixup": 0.2}, "model.mixup"),
+        ({"schedule": "cosine", "lr_scheduler": lambda optimizer: None}, "model.lr_scheduler"),
+        ({"finetune": "gradual", "backbone_lr_factor": 0.0}, "model.backbone_lr_factor"),
+    ],
+)
+def test_options_that_do_not_go_together_fail_before_anything_is_built(options: dict, named: str) -> None:
+    with pytest.raises(UserError, match=named):
+        TransferLearningModel(3, backbone="resnet18", weights=None, **options)

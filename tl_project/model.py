@@ -1,15 +1,10 @@
 """TransferLearningModel: a pretrained backbone, a new linear head, one shared step.
 
 The backbone is a torchvision classifier whose final layer became `nn.Identity`
-(see `backbones.py`); the head is a fresh `Linear(in_features, num_classes)`.
-`finetune="full"` trains both; `finetune="head"` freezes the backbone, keeps its
-BatchNorm layers in eval mode so their running statistics do not drift, and gives
-only the head to the optimizer; `finetune="gradual"` trains the head alone for
-`unfreeze_at_epoch` epochs, then the backbone too, at `backbone_lr_factor` times the
-head's learning rate. The phase follows from the epoch number alone, so a resumed
-run is in the right phase whatever epoch it resumes at. `freeze_batchnorm` keeps
-every BatchNorm layer of a training backbone in eval mode (its running statistics
-fixed, its scale and shift still trained), for batches too small for batch statistics.
+(see `backbones.py`); the head is a fresh `Linear(in_features, num_classes)`. What trains
+when (`finetune` full / head / gradual, `freeze_batchnorm`) is the fine-tune policy of
+`finetune.py`; the recipe's parts (schedule, MixUp/CutMix, class weights) are in
+`recipe.py`; the divergence guard is a callback of fit's Trainer (`callbacks.py`).
 """
 
 from __future__ import annotations
@@ -27,13 +22,13 @@ from torchmetrics.classification import MulticlassAccuracy
 from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError, class_mismatch
+from tl_project.finetune import FinetunePolicy
 from tl_project.recipe import BatchMix, balanced_class_weights, mix_seed, recipe_traps, warmup_cosine
 from tl_project.runtime import MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
 from tl_project.transforms import Preprocessing
 
 # (images, targets, dataset indices), as ImageDataModule's loaders give them.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 # The seed recipe's optimizer, as LightningCLI writes it (the CLI's default too).
@@ -115,7 +110,20 @@ class TransferLearningModel(L.LightningModule):
             raise UserError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        # The cross-option rules of the model's own options, before anything is built.
+        if (schedule == "cosine" or warmup_epochs) and lr_scheduler is not None:
+            raise UserError("Pass either model.schedule / model.warmup_epochs or model.lr_scheduler, not both.")
+        if cache_features and finetune != "head":
+            raise UserError(
+                f"model.cache_features reuses the backbone's features, so they must not change: it needs "
+                f"--model.finetune head (not {finetune}) and --data.augment false."
+            )
+        if cache_features and (mixup or cutmix):
+            raise UserError(
+                "model.cache_features trains on fixed features: it cannot mix images (model.mixup, model.cutmix)."
+            )
         self.finetune = finetune
+        self.policy = FinetunePolicy(finetune, unfreeze_at_epoch, backbone_lr_factor, freeze_batchnorm)
         self.optimizer_factory = optimizer or default_optimizer
         self.lr_scheduler_factory = lr_scheduler
 
@@ -126,8 +134,7 @@ class TransferLearningModel(L.LightningModule):
         )
         self.hparams["preprocessing"] = self.preprocessing.as_dict()
         self.head = nn.Linear(in_features, num_classes)
-        if finetune == "head":
-            self.backbone.requires_grad_(False)
+        self.policy.prepare(self.backbone)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.mix = BatchMix(mixup, cutmix, num_classes)
         self.data_seed = 0  # the data's seed, taken when fitting starts: MixUp/CutMix draws follow from it
@@ -139,15 +146,17 @@ class TransferLearningModel(L.LightningModule):
         # Mean loss weighted by images, summed across processes: exact under DDP too.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self._was_frozen: bool | None = None  # the phase of the last training epoch (gradual)
+        self._compiled = False
         # Frozen-backbone features of the training images by dataset index (cache_features).
         self._features: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
         if self.hparams["channels_last"]:
             self.to(memory_format=torch.channels_last)
-        if self.hparams["compile"] and getattr(self.backbone, "_compiled_call_impl", None) is None:
+        if self.hparams["compile"] and not self._compiled:
             # In place: the parameters and the checkpoint's keys stay those of the eager model.
             self.backbone.compile()
+            self._compiled = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of normalised images."""
@@ -163,28 +172,18 @@ class TransferLearningModel(L.LightningModule):
 
     @property
     def backbone_frozen(self) -> bool:
-        """Whether the backbone is frozen now: always with head, before unfreeze_at_epoch with gradual."""
-        if self.finetune == "gradual":
-            epoch = self.trainer.current_epoch if self._trainer is not None else 0
-            return epoch < self.hparams["unfreeze_at_epoch"]
-        return self.finetune == "head"
+        """Whether the backbone is frozen now (the fine-tune policy at the current epoch)."""
+        return self.policy.backbone_frozen(self.current_epoch)
 
     @property
     def batchnorm_trains(self) -> bool:
         """Whether BatchNorm layers normalise by batch statistics in training (at some epoch of the fit)."""
-        if self.finetune == "head" or self.hparams.get("freeze_batchnorm"):
-            return False
-        return any(isinstance(m, BATCHNORMS) for m in self.backbone.modules())
+        return self.policy.batchnorm_trains(self.backbone)
 
     def train(self, mode: bool = True) -> TransferLearningModel:
         """Set train/eval mode; a frozen backbone, or frozen BatchNorm, always stays in eval mode."""
         super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()
-        elif self.hparams.get("freeze_batchnorm"):
-            for module in self.backbone.modules():
-                if isinstance(module, BATCHNORMS):
-                    module.eval()
+        self.policy.set_modes(self.backbone, self.current_epoch)
         return self
 
     def on_train_epoch_start(self) -> None:
@@ -227,14 +226,10 @@ class TransferLearningModel(L.LightningModule):
 
     def on_fit_start(self) -> None:
         datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
-        if self.hparams["cache_features"] and (self.finetune != "head" or getattr(datamodule, "augment", True)):
+        if self.hparams["cache_features"] and getattr(datamodule, "augment", True):
             raise UserError(
                 "model.cache_features reuses the backbone's features, so they must not change: "
-                "pass --model.finetune head and --data.augment false."
-            )
-        if self.hparams["cache_features"] and self.mix:
-            raise UserError(
-                "model.cache_features trains on fixed features: it cannot mix images (model.mixup, model.cutmix)."
+                "pass --data.augment false (augmented images give other features every epoch)."
             )
         self.data_seed = int(getattr(datamodule, "seed", 0))  # MixUp/CutMix draws follow from it
         self.class_weights = None
@@ -340,17 +335,11 @@ class TransferLearningModel(L.LightningModule):
     # -- optimisation --
 
     def configure_optimizers(self) -> Any:
-        if self.finetune == "gradual":
-            # Both groups from the start: resuming restores one optimizer whatever the phase.
-            backbone_params = list(self.backbone.parameters())
-            optimizer = self.optimizer_factory([{"params": self.head.parameters()}, {"params": backbone_params}])
-            optimizer.param_groups[1]["lr"] *= self.hparams["backbone_lr_factor"]
-        else:
-            # With a frozen backbone only the head's parameters require gradients.
-            optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        groups, factors = self.policy.param_groups(self.head, self.backbone)
+        optimizer = self.optimizer_factory(groups)
+        for group, factor in zip(optimizer.param_groups, factors, strict=True):
+            group["lr"] *= factor
         if self.hparams.get("schedule") == "cosine" or self.hparams.get("warmup_epochs"):
-            if self.lr_scheduler_factory is not None:
-                raise UserError("Pass either model.schedule / model.warmup_epochs or model.lr_scheduler, not both.")
             total = int(self.trainer.estimated_stepping_batches)
             epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
             warmup = round(self.hparams["warmup_epochs"] * total / epochs)
