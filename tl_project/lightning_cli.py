@@ -135,7 +135,7 @@ class TransferLearningCLI(LightningCLI):
         checkpoint = read_checkpoint(ckpt_path)  # refuses unsafe files before Lightning sees them
         if subcommand in EVAL_SUBCOMMANDS:
             # The checkpoint's settings become defaults, then parse again: configs and flags win.
-            self._subcommand_parsers[subcommand].set_defaults(checkpoint_defaults(checkpoint))
+            parser.set_defaults({f"{subcommand}.{k}": v for k, v in checkpoint_defaults(checkpoint).items()})
             super().parse_arguments(parser, args)
         self.config[subcommand].ckpt_path = ckpt_path
 
