@@ -29,13 +29,14 @@ from transfer_demo import SOURCE, TARGET, fit_and_test, run_dir, write_folder  #
 from tl_project import main
 from tl_project.data.named import read_named
 
-# configs/strong.yaml's switches as flags (EMA's decay suits these short runs: ~50 steps of memory).
-STRONG = {
-    "schedule": ["--model.schedule", "cosine", "--model.warmup_epochs", "1"],
-    "label_smoothing": ["--model.label_smoothing", "0.1"],
-    "mix": ["--model.mixup", "0.2", "--model.cutmix", "1.0"],
-    "ema": ["--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay", "0.98"],
-    "tta": ["--model.tta", "flip"],
+# Each of configs/strong.yaml's switches turned off, as flags given after the config (an EMA of
+# decay 0 is the current weights).
+STRONG_OFF = {
+    "schedule": ["--model.schedule", "constant", "--model.warmup_epochs", "0"],
+    "label_smoothing": ["--model.label_smoothing", "0"],
+    "mix": ["--model.mixup", "0", "--model.cutmix", "0"],
+    "ema": ["--trainer.callbacks.decay", "0"],
+    "tta": ["--model.tta", "none"],
 }
 
 
@@ -68,19 +69,26 @@ def main_benchmark() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--parts", nargs="+", default=["strong", "balance", "tune", "cv"])
     parser.add_argument("--imbalance", type=int, nargs=3, default=[200, 40, 10], help="balance: train images per class")
+    parser.add_argument("--source", type=int, nargs="+", default=list(SOURCE), help="pretraining class labels")
+    parser.add_argument("--target", type=int, nargs="+", default=list(TARGET), help="fine-tuning class labels")
+    parser.add_argument("--source_per_class", type=int, default=1200, help="pretraining images per class")
+    parser.add_argument("--pretrain_epochs", type=int, default=8)
+    parser.add_argument("--test_per_class", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--ablation", action="store_true", help="strong: also each switch of strong.yaml off")
     args = parser.parse_args()
-    args.backbone, args.image_size, args.batch_size, args.min_crop_scale = "resnet18", 32, 16, 0.5
+    args.backbone, args.image_size, args.min_crop_scale = "resnet18", 32, 0.5
 
     images, labels = read_named("FashionMNIST", Path(args.root), train=True)
     test_images, test_labels = read_named("FashionMNIST", Path(args.root), train=False)
     target = args.out / "target"
-    write_folder(images, labels, TARGET, args.shots, target / "train")
-    write_folder(test_images, test_labels, TARGET, 300, target / "test")
+    write_folder(images, labels, args.target, args.shots, target / "train")
+    write_folder(test_images, test_labels, args.target, args.test_per_class, target / "test")
     pretrained = args.pretrained
     if pretrained is None:
         source = args.out / "source"
-        write_folder(images, labels, SOURCE, 1200, source)
-        pretrain = argparse.Namespace(**{**vars(args), "epochs": 8, "lr": 0.05, "batch_size": 64})
+        write_folder(images, labels, args.source, args.source_per_class, source)
+        pretrain = argparse.Namespace(**{**vars(args), "epochs": args.pretrain_epochs, "lr": 0.05, "batch_size": 64})
         pretrained = str(fit_and_test("pretrain", source, "null", pretrain)["checkpoint"])
     results: dict[str, Any] = {"setup": {k: str(v) for k, v in vars(args).items()}, "pretrained": pretrained}
     printed: list[str] = []
@@ -92,13 +100,18 @@ def main_benchmark() -> None:
         return test_metric(runs, key)
 
     if "strong" in args.parts:
-        variants = {"base (seed recipe)": [], "strong (all switches)": [f for v in STRONG.values() for f in v]}
-        for off in STRONG:
-            variants[f"strong without {off}"] = [f for k, v in STRONG.items() if k != off for f in v]
-        scores = {
-            n: [fine_tune(f"strong-{i}-seed{s}", target, s, *v) for s in args.seeds]
-            for i, (n, v) in enumerate(variants.items())
-        }
+        # The two configs exactly as shipped (each with its own optimizer and learning rate), on
+        # the same data, backbone, epochs and batch size.
+        variants = {"configs/base.yaml": ("configs/base.yaml", []), "configs/strong.yaml": ("configs/strong.yaml", [])}
+        if args.ablation:
+            variants |= {f"strong.yaml without {off}": ("configs/strong.yaml", v) for off, v in STRONG_OFF.items()}
+        scores = {}
+        for i, (name, (config, flags)) in enumerate(variants.items()):
+            as_shipped = argparse.Namespace(**{**vars(args), "config": config, "lr": None, "extra": flags})
+            scores[name] = []
+            for s in args.seeds:
+                fit_and_test(f"strong-{i}-seed{s}", target, pretrained, as_shipped, s)
+                scores[name].append(test_metric(args.out / "runs" / f"strong-{i}-seed{s}", "test/acc"))
         results["strong"] = {name: summary(values) for name, values in scores.items()}
         printed += [f"Strong recipe vs the seed recipe ({args.shots} images a class, {args.epochs} epochs):"]
         printed += [line(name, values) for name, values in scores.items()]
@@ -147,7 +160,14 @@ def main_benchmark() -> None:
     if "cv" in args.parts:
         runs = args.out / "runs" / "cv"
         common = ["--data.dataset", "null", "--data.root", str(target), "--data.image_size", "32"]
-        common += ["--model.backbone", "resnet18", "--model.weights", pretrained, "--data.batch_size", "16"]
+        common += [
+            "--model.backbone",
+            "resnet18",
+            "--model.weights",
+            pretrained,
+            "--data.batch_size",
+            str(args.batch_size),
+        ]
         common += ["--model.optimizer.lr", str(args.lr), "--trainer.max_epochs", str(args.epochs)]
         common += ["--data.min_crop_scale", "0.5", "--trainer.enable_progress_bar", "false"]
         main(["cv", *common, "--cv.folds", "5", "--trainer.default_root_dir", str(runs)])

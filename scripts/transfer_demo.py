@@ -59,9 +59,11 @@ def fit_and_test(name: str, root: Path, weights: str, args: argparse.Namespace, 
     main(
         [
             "fit",
+            *(["--config", args.config] if getattr(args, "config", None) else []),  # first: flags win over it
             *("--seed_everything", str(seed)),
             *("--model.backbone", args.backbone, "--model.weights", weights),
-            *("--model.optimizer.lr", str(args.lr), "--data.root", str(root)),
+            *(["--model.optimizer.lr", str(args.lr)] if args.lr is not None else []),  # None: the config's
+            *("--data.root", str(root)),
             *("--data.batch_size", str(args.batch_size), "--data.val_split", "0.2"),
             *("--trainer.max_epochs", str(args.epochs), "--trainer.default_root_dir", str(runs)),
             *common,
