@@ -24,11 +24,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image
 
 from tl_project import main
+from tl_project.data import streaming
 from tl_project.data.named import NAMED_DATASETS, read_named
 
 FASHION_MNIST = Path(os.environ.get("TL_PROJECT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -37,10 +39,12 @@ SOURCE_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, TEST_PER_CLASS = 100, 16, 10, 
 PRETRAIN = ["--trainer.max_epochs", "3", "--model.optimizer.lr", "0.05", "--data.batch_size", "32"]
 EPOCHS, LR, BATCH = 6, 0.01, 16
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+SHARD_CHUNK = "6kB"  # about ten of the task's 28 px PNGs
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 # Every path that changes training, as the flags that switch it on (beside the plain run's).
-# `shards` trains from LitData shards of the same folder; `ddp` runs two processes with half
+# `shards` trains from LitData shards of the same folder (in chunks of about ten images, as a
+# big folder's); `ddp` runs two processes with half
 # the batch each (the same images per step as the plain path); `strong` is configs/strong.yaml
 # as shipped (EMA, cosine with warmup, label smoothing, MixUp/CutMix, flip TTA).
 PATHS: dict[str, list[str]] = {
@@ -117,7 +121,10 @@ def run_path(name: str, task: Path, pretrained: Path, seed: int = 1) -> float:
     if name == "shards":
         root, dataset = str(task / "shards"), "litdata"
         if not (task / "shards").is_dir():
-            main(["optimize", "--data.root", str(task / "target"), "--output", root])
+            # Chunks of about ten images: a big folder's 64 MB chunks hold a few hundred images or
+            # more each, so that written in folder order, each chunk would hold a single class.
+            with mock.patch.object(streaming, "CHUNK_BYTES", SHARD_CHUNK):
+                main(["optimize", "--data.root", str(task / "target"), "--output", root])
     args = [
         *common_args(root, runs, seed, dataset),
         *("--model.weights", str(pretrained), "--trainer.max_epochs", str(EPOCHS)),

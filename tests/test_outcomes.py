@@ -2,15 +2,17 @@
 reach the plain path's test accuracy on the same task (`tests/outcome_task.py`).
 
 A test that only checks mechanics (shapes, flags, files) passes while a path silently
-ruins the model: shards written class by class and a 0.999 EMA on a 90-step run both did.
+ruins the model: shards written class by class and a 0.999 EMA on a 45-step run both did.
 Here each path fine-tunes the same pretrained ResNet-18 on the same real Fashion-MNIST
 images and is judged by its test accuracy against the plain path's.
 
-TOLERANCE: on the task's machine kinds the plain path's test accuracy over seeds 1-5 had
-a standard deviation of at most SPREAD points (`scripts/outcome_spread.py`,
-docs/benchmarks.md "Outcome tests"); two independent runs then differ by a standard
-deviation of sqrt(2) * SPREAD, and a path must not fall more than three of those below
-the plain path. The defects this guards against cost 25 to 60 points.
+TOLERANCE, from the seed spread measured with `scripts/outcome_spread.py` (seeds 1-3 of
+every path; docs/benchmarks.md, "Outcome tests"): the largest gap between a healthy path's
+mean and the plain path's (GAP: configs/strong.yaml, whose cosine schedule halves the
+average learning rate of this short run), plus two standard deviations of the difference
+between two single runs, from the largest seed std of a path (SPREAD, shards) and the
+plain path's (PLAIN_SPREAD). The defects this guards against cost 28 points (shards in
+folder order: 71.1 -> 43.3 %) and 62 (a fixed 0.999 EMA: 76.4 -> 13.9 %), as first reported.
 
 Run alone: `pytest -m outcome` (a few minutes on 2 cores). Needs Debian's
 `dataset-fashion-mnist` (installed by .ci/run).
@@ -25,8 +27,8 @@ import pytest
 
 from tests.outcome_task import FASHION_MNIST, PATHS, pretrain, run_path, write_task
 
-SPREAD = 2.5  # points: the largest seed std measured for the plain path (docs/benchmarks.md)
-TOLERANCE = 3 * math.sqrt(2) * SPREAD  # about 10.6 points
+GAP, SPREAD, PLAIN_SPREAD = 8.78, 3.72, 0.67  # points, measured (docs/benchmarks.md)
+TOLERANCE = GAP + 2 * math.hypot(SPREAD, PLAIN_SPREAD)  # 16.3 points
 
 pytestmark = [
     pytest.mark.outcome,
