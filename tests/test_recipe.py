@@ -71,6 +71,7 @@ def test_recipe_traps_name_what_cannot_pay_off() -> None:
     assert len(traps) == 1 and "fixed decay 0.999 averages about 1000 steps" in traps[0]
     assert recipe_traps(45, 15, [EMA(decay=0.999, warmup=False)], 1.0, False, [])[0].startswith("The EMA's fixed decay")
     assert not recipe_traps(20_000, 15, [lightning_ema], 1.0, True, [500, 500])
+    assert not recipe_traps(0, 0, [lightning_ema], 1.0, False, [])  # a run without a known end
     assert "warmup_epochs 3 is over half" in recipe_traps(45, 4, [], 3.0, False, [])[0]
     assert "MixUp/CutMix on 20 training images" in recipe_traps(45, 15, [], 0.0, True, [20, 60])[0]
 

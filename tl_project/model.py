@@ -9,6 +9,7 @@ when (`finetune` full / head / gradual, `freeze_batchnorm`) is the fine-tune pol
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning as L
@@ -245,8 +246,9 @@ class TransferLearningModel(L.LightningModule):
             # With the cache, training epochs look features up by index: they need no image.
             datamodule.train_labels_only = bool(self.hparams["cache_features"])
         # Last: estimating the steps builds the training loader, which must know its mode first.
+        steps = self.trainer.estimated_stepping_batches  # infinite for a run without an end
         for trap in recipe_traps(
-            int(self.trainer.estimated_stepping_batches),
+            int(steps) if math.isfinite(steps) else 0,
             self.trainer.max_epochs or 0,
             self.trainer.callbacks,  # type: ignore[attr-defined]
             self.hparams["warmup_epochs"],

@@ -156,7 +156,7 @@ def recipe_traps(
     epochs: an EMA whose fixed memory outlasts a large share of the run, a warmup that takes
     most of it, mixing on a handful of images a class. Each as a message with the fix."""
     traps = []
-    for callback in callbacks:
+    for callback in callbacks if total_steps > 0 else []:  # 0: a run without a known end
         decay = fixed_ema_decay(callback)
         if decay is not None and 1 / (1 - decay) > RUN_SHARE * total_steps:
             traps.append(
