@@ -123,7 +123,6 @@ class TransferLearningModel(L.LightningModule):
             raise UserError(
                 "model.cache_features trains on fixed features: it cannot mix images (model.mixup, model.cutmix)."
             )
-        self.finetune = finetune
         self.policy = FinetunePolicy(finetune, unfreeze_at_epoch, backbone_lr_factor, freeze_batchnorm)
         self.optimizer_factory = optimizer or default_optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -163,7 +162,7 @@ class TransferLearningModel(L.LightningModule):
         """Class logits for a batch of normalised images."""
         if self.hparams["channels_last"] and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.finetune == "gradual" and self.backbone_frozen:
+        if self.policy.mode == "gradual" and self.backbone_frozen:
             # No gradients reach the backbone; its parameters still require them, so that
             # DDP, which registers parameters once, keeps reducing them after the unfreeze.
             with torch.no_grad():
@@ -190,7 +189,7 @@ class TransferLearningModel(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         frozen = self.backbone_frozen
         self.train()  # BatchNorm mode of this epoch's phase
-        if self.finetune != "gradual" or frozen == self._was_frozen:
+        if self.policy.mode != "gradual" or frozen == self._was_frozen:
             return
         self._was_frozen = frozen
         trainable = self.head if frozen else self
@@ -257,7 +256,7 @@ class TransferLearningModel(L.LightningModule):
         ):
             warn(trap)
         ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
-        needs_flag = self.finetune == "gradual" and self.trainer.world_size > 1 and ddp_kwargs is not None
+        needs_flag = self.policy.mode == "gradual" and self.trainer.world_size > 1 and ddp_kwargs is not None
         if needs_flag and not ddp_kwargs.get("find_unused_parameters"):  # type: ignore[union-attr]
             raise UserError(
                 "finetune gradual leaves the backbone without gradients at first, which DDP must be told: "
