@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from tl_project.data.images import EXTENSION_FORMATS
@@ -282,3 +283,28 @@ def unreadable_summary(datasets: Mapping[str, Any], skipped: Mapping[str, set[in
         f"Left out {len(lines)} image{'s' if len(lines) > 1 else ''} that could not be loaded (--data.check {level}); "
         "remove or replace them, or check them with python -m tl_project check:\n" + "\n".join(lines)
     )
+
+
+class Unreadable:
+    """Images that failed to load (data.check header/off) and left their batch, by split."""
+
+    def __init__(self) -> None:
+        self.indices: dict[str, set[int]] = {}
+
+    def drop(self, batch: Any, split: str) -> Any:
+        """`batch` without the items of images that failed to load (negative indices), noted."""
+        indices = batch[2]
+        if not isinstance(indices, torch.Tensor) or not bool((indices < 0).any()):
+            return batch
+        keep = indices >= 0
+        self.indices.setdefault(split, set()).update((-1 - indices[~keep]).tolist())
+        return [part[keep] if isinstance(part, torch.Tensor) else part for part in batch]
+
+    def summary(self, datasets: Mapping[str, Any], level: str) -> str | None:
+        """The warning of all processes' skipped images (then forgotten), or None if there were none."""
+        gathered: dict[str, set[int]] = {}
+        for part in gather_objects(self.indices):
+            for split, indices in part.items():
+                gathered.setdefault(split, set()).update(indices)
+        self.indices = {}
+        return unreadable_summary(datasets, gathered, level) if gathered else None

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from tl_project.data.images import load_image
 from tl_project.errors import UserError
@@ -183,3 +184,18 @@ class BalancedEpochSampler(EpochSampler):
         drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
         epoch = self.epoch
         return ((epoch, index) for index in drawn[self.rank : self.total_size : self.num_replicas].tolist())
+
+
+def split_sampler(
+    dataset: Dataset, train: bool, balance: str, world: int, rank: int, seed: int, targets: Callable[[], list[int]]
+) -> Sampler | None:
+    """The sampler of a split's loader: training shuffles per epoch (every class equally often
+    with `balance` sampler); evaluation shares the images out unrepeated among `world` processes."""
+    if train and balance == "sampler":
+        return BalancedEpochSampler(dataset, targets(), num_replicas=world, rank=rank, seed=seed)
+    if train:
+        return EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    if world > 1 and len(dataset) >= world:  # type: ignore[arg-type]
+        # Each image evaluated exactly once: no padding with repeats, as DistributedSampler would.
+        return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    return None

@@ -1,16 +1,11 @@
-"""ImageDataModule: train/val/test/predict loaders from a named dataset or an image folder.
+"""ImageDataModule: train/val/test/predict loaders from a named dataset, an image folder or shards.
 
-Two sources:
-
-- a torchvision dataset by name (`MNIST`, `FashionMNIST`, `CIFAR10`, `CIFAR100`):
-  the official test split is the test set, and `val_split` of the official train
-  split (stratified, from `seed`) is the validation set. (Fashion)MNIST is also
-  read from a folder holding the four raw IDX files, as Debian's
-  `dataset-fashion-mnist` installs them in `/usr/share/datasets/fashion-mnist/`.
-- an image folder (`dataset: null`): `root/<class>/*` or
-  `root/{train,val,test}/<class>/*`. A split without its own folder is carved
-  out of train by `val_split` / `test_split`, stratified by class and
-  deterministic from `seed`, so `test` evaluates exactly the images `fit` held out.
+Where the labelled images come from is a source (`sources.py`): a torchvision dataset by
+name, an image folder (`dataset: null`), or LitData shards (`dataset: litdata`); each
+validates its own options and builds its splits. A split without its own folder is carved
+out of train by `val_split` / `test_split`, stratified by class and deterministic from
+`seed`, so `test` evaluates exactly the images `fit` held out. This module keeps what every
+source shares: the options, the loaders, the batch hooks, the data check, the predict folder.
 
 The class list is known right after `__init__` (the CLI links it into the model).
 Images of any mode become RGB, EXIF orientation applied; files without an image
@@ -32,42 +27,39 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from tl_project.data.checks import DataReport, check_images, unreadable_summary, usable
-from tl_project.data.datasets import (
-    BalancedEpochSampler,
-    EpochSampler,
-    FolderDataset,
-    ImageDataset,
-    LabelsOnly,
-    PredictDataset,
-    TensorImageDataset,
-)
-from tl_project.data.folders import Splits, folder_classes, folder_splits, predict_paths
+from tl_project.data.checks import DataReport, Unreadable, check_images, usable
+from tl_project.data.datasets import ImageDataset, LabelsOnly, PredictDataset, split_sampler
+from tl_project.data.folders import Splits
 from tl_project.data.manifest import Manifest
-from tl_project.data.named import NAMED_DATASETS, download_named, read_named
-from tl_project.data.splits import SPLITS, fold_split, stratified_split
-from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, is_url, read_meta, shard_loader, shard_split
-from tl_project.errors import UserError, class_mismatch
-from tl_project.runtime import default_num_workers, gather_objects, usable_cores, warn
-from tl_project.transforms import (
-    IMAGENET,
-    CropSampler,
-    Preprocessing,
-    eval_transform,
-    normalize,
-    resized_crops,
-    train_transform,
-)
+from tl_project.data.sources import STAGE_SPLITS, FolderSource, ShardSource, make_source, predict_folder
+from tl_project.errors import UserError
+from tl_project.runtime import default_num_workers, usable_cores, warn
+from tl_project.transforms import IMAGENET, Preprocessing, eval_transform, normalize, resized_crops, train_transform
 
-# The splits each stage uses (only these are built), and those it checks: fit checks the
-# test images too, so that problems and leakage show before training, not after it.
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "optimize": SPLITS}
-STAGE_CHECKS = {"fit": SPLITS, "validate": ("val",), "test": ("test",), "optimize": SPLITS}
 # The split a Trainer stage (`RunningStage`) reads.
 STAGE_SPLIT = {"train": "train", "sanity_check": "val", "validate": "val", "test": "test", "predict": "predict"}
+
+
+def check_options(
+    val_split: float, test_split: float, batch_size: int, image_size: int, min_crop_scale: float, folds: int, fold: int
+) -> None:
+    """The rules of the options every source shares, with the fix in each message."""
+    for option, value in (("val_split", val_split), ("test_split", test_split)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"data.{option} is {value}; it must be a fraction in [0, 1).")
+    if val_split + test_split >= 1.0:
+        raise UserError(
+            f"data.val_split + data.test_split is {val_split + test_split:g}; "
+            "it must stay below 1 to leave images for training."
+        )
+    if batch_size < 1 or image_size < 1:
+        raise UserError("data.batch_size and data.image_size must be positive integers.")
+    if not 0.0 < min_crop_scale <= 1.0:
+        raise UserError(f"data.min_crop_scale is {min_crop_scale}; it must be in (0, 1].")
+    if folds and not (folds >= 2 and 0 <= fold < folds):
+        raise UserError(f"data.folds {folds} and data.fold {fold}: folds must be at least 2, fold in 0..{folds - 1}.")
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -121,32 +113,13 @@ class ImageDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if dataset is not None and dataset not in (*NAMED_DATASETS, LITDATA):
-            raise UserError(
-                f"Unknown dataset {dataset!r}. Choose one of {', '.join(NAMED_DATASETS)}, {LITDATA} for shards "
-                "written by python -m tl_project optimize, or null for an image folder given by --data.root."
-            )
-        for option, value in (("val_split", val_split), ("test_split", test_split)):
-            if not 0.0 <= value < 1.0:
-                raise UserError(f"data.{option} is {value}; it must be a fraction in [0, 1).")
-        if val_split + test_split >= 1.0:
-            raise UserError(
-                f"data.val_split + data.test_split is {val_split + test_split:g}; "
-                "it must stay below 1 to leave images for training."
-            )
-        if batch_size < 1 or image_size < 1:
-            raise UserError("data.batch_size and data.image_size must be positive integers.")
+        check_options(val_split, test_split, batch_size, image_size, min_crop_scale, folds, fold)
+        self.source = make_source(dataset, root, download, balance, folds)
         self.dataset = dataset
         self.root = Path(root).expanduser() if root is not None else None
-        # LitData shards: a local folder or a URL, and what optimize wrote next to them.
-        self.shards = (root if is_url(root) else str(self.root)) if dataset == LITDATA and root else None
-        self.shard_meta = read_meta(self.shards) if self.shards else {}
-        self.download = download
         self.batch_size = batch_size
         self._num_workers = num_workers
         self.image_size = image_size
-        if not 0.0 < min_crop_scale <= 1.0:
-            raise UserError(f"data.min_crop_scale is {min_crop_scale}; it must be in (0, 1].")
         self.min_crop_scale = min_crop_scale
         self.augment = augment
         self.val_split = val_split
@@ -156,20 +129,12 @@ class ImageDataModule(L.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.max_image_pixels = max_image_pixels
         self.check_level = check
-        if balance == "sampler" and dataset == LITDATA:
-            raise UserError("data.balance sampler needs random access; LitData shards stream: use data.balance loss.")
         self.balance = balance
-        if folds and not (folds >= 2 and 0 <= fold < folds):
-            raise UserError(
-                f"data.folds {folds} and data.fold {fold}: folds must be at least 2, fold in 0..{folds - 1}."
-            )
-        if folds and dataset == LITDATA:
-            raise UserError("Cross-validation re-splits the images; LitData shards hold fixed splits: use the folder.")
         self.folds, self.fold = folds, fold
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         # Images that failed to load and were left out of their batch, by split (data.check header/off).
-        self.unreadable: dict[str, set[int]] = {}
-        self.class_names = self._resolve_class_names(classes)
+        self.unreadable = Unreadable()
+        self.class_names = self.source.classes(classes)
         self.datasets: dict[str, Any] = {}  # ImageDataset, or ShardDataset for shards
         # The model's (its weights' preset), taken in setup(); set it before setup() without a Trainer.
         self.preprocessing = IMAGENET
@@ -181,15 +146,17 @@ class ImageDataModule(L.LightningDataModule):
         """Loader workers per process: --data.num_workers, else chosen for the device (`runtime.py`)."""
         if self._num_workers is not None:
             return self._num_workers
-        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        return default_num_workers(on_gpu)
+        return default_num_workers(self._on_gpu)
+
+    @property
+    def _on_gpu(self) -> bool:
+        return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     @property
     def class_counts(self) -> list[int]:
         """Training images per class, in class order (after setup)."""
-        if self.shards:
-            counts = self.shard_meta.get("train_counts") or {}
-            return [int(counts.get(name, 0)) for name in self.class_names]
+        if isinstance(self.source, ShardSource):
+            return self.source.class_counts(self.class_names)
         return torch.bincount(torch.tensor(self._targets("train")), minlength=self.num_classes).tolist()
 
     def _targets(self, split: str) -> list[int]:
@@ -202,36 +169,11 @@ class ImageDataModule(L.LightningDataModule):
         """Number of classes."""
         return len(self.class_names)
 
-    # -- classes, known before setup() --
-
-    def _resolve_class_names(self, expected: list[str] | None) -> list[str]:
-        if self.dataset == LITDATA:
-            if not self.shards:
-                raise UserError("--data.dataset litdata needs --data.root: the folder or URL optimize wrote.")
-            found = list(self.shard_meta["classes"])
-        elif self.dataset is not None:
-            found = NAMED_DATASETS[self.dataset]
-        elif (self.root is None or not self.root.is_dir()) and expected is not None:
-            return list(expected)  # e.g. predict on another machine: the folder is checked in setup
-        else:
-            found = folder_classes(self.root)
-        if expected is not None and list(expected) != found:
-            raise class_mismatch(list(expected), found, f" in {self.root}")
-        return found
-
-    @property
-    def named_root(self) -> Path:
-        """Where the named dataset is stored."""
-        if self.root is None:
-            raise UserError(f"--data.dataset {self.dataset} needs --data.root: where it is stored or goes.")
-        return self.root
-
     # -- data, built in setup() --
 
     def prepare_data(self) -> None:
         """Download a named dataset once per node."""
-        if self.dataset in NAMED_DATASETS and self.download:
-            download_named(self.dataset, self.named_root)
+        self.source.prepare()
 
     def setup(self, stage: str) -> None:
         """Build the datasets `stage` needs, with the preprocessing of the model's weights."""
@@ -239,88 +181,37 @@ class ImageDataModule(L.LightningDataModule):
         preprocessing = getattr(model, "preprocessing", None)
         if isinstance(preprocessing, Preprocessing):
             self.preprocessing = preprocessing
-        if self.shards:
-            for split in ("predict",) if stage == "predict" else STAGE_SPLITS[stage]:
-                self.datasets.setdefault(split, self._shard_split(split))
+        if stage == "predict" and not isinstance(self.source, ShardSource):
+            self.datasets["predict"] = predict_folder(self)
             return
-        if stage == "predict":
-            paths = predict_paths(self.predict_dir)
-            base = Path(self.predict_dir or ".").expanduser()
-            found = self._usable(
-                {"predict": [(p, 0) for p in paths]}, ["images"], stage, base if base.is_dir() else None
-            )
-            self.datasets["predict"] = self._tolerant(
-                PredictDataset([p for p, _ in found["predict"]], self._eval_transform())
-            )
-            return
-        needed = STAGE_SPLITS[stage]
-        if self.dataset is not None:
-            if "train" not in self.datasets:
-                self._build_named()
-        elif missing := [split for split in needed if split not in self.datasets]:
-            self._build_folder(missing, stage)
+        needed = ["predict"] if stage == "predict" else list(STAGE_SPLITS[stage])
+        if missing := [split for split in needed if split not in self.datasets]:
+            self.datasets.update(self.source.build(self, missing, stage))
         for split in needed:
-            if len(self.datasets[split]) == 0:
+            if split != "predict" and len(self.datasets[split]) == 0:
                 raise UserError(
                     f"The {split} set is empty. Raise --data.{split}_split, add {self.root}/{split}/<class>/ "
                     "folders, or add images."
                 )
 
-    def _shard_split(self, split: str) -> ShardDataset | ShardItems:
-        assert self.shards is not None
-        transform = (
-            train_transform(self.image_size, self.min_crop_scale, self.preprocessing)
-            if split == "train" and self.augment
-            else self._eval_transform()
-        )
-        return shard_split(self.shards, self.shard_meta, split, transform, self.seed)
+    def transform(self, split: str) -> Any:
+        """The transform of a split's images: random crops and flips for train (`augment`), else
+        the evaluation view, with the model's preprocessing."""
+        if split == "train" and self.augment:
+            return train_transform(self.image_size, self.min_crop_scale, self.preprocessing)
+        return eval_transform(self.image_size, self.preprocessing)
 
-    def _build_named(self) -> None:
-        assert self.dataset is not None
-        images, labels = read_named(self.dataset, self.named_root, train=True)
-        if self.folds:
-            rest, val = fold_split(labels.tolist(), self.folds, self.fold, self.seed)
-        else:
-            rest, val = stratified_split(labels.tolist(), [self.val_split], self.seed)
-        test_images, test_labels = read_named(self.dataset, self.named_root, train=False)
-        eval_crop = CropSampler(self.image_size, train=False, preprocessing=self.preprocessing)
-        train_crop = CropSampler(self.image_size, self.min_crop_scale) if self.augment else eval_crop
-        self.datasets = {
-            "train": TensorImageDataset(images[rest], labels[rest], train_crop, self.seed),
-            "val": TensorImageDataset(images[val], labels[val], eval_crop),
-            "test": TensorImageDataset(test_images, test_labels, eval_crop),
-        }
-
-    def _build_folder(self, splits: list[str], stage: str) -> None:
-        """The folder datasets of `splits`: the whole folder is listed (the split assignment
-        needs it), and the splits of `STAGE_CHECKS` checked."""
-        checked = [split for split in SPLITS if split in splits or split in STAGE_CHECKS[stage]]
-        samples = self._usable(self.folder_splits(), self.class_names, stage, self.root, only=checked)
-        eval_tf = self._eval_transform()
-        train_tf = (
-            train_transform(self.image_size, self.min_crop_scale, self.preprocessing) if self.augment else eval_tf
-        )
-        for split in splits:
-            dataset = FolderDataset(samples[split], train_tf if split == "train" else eval_tf, self.seed)
-            self.datasets[split] = self._tolerant(dataset)
-
-    def _tolerant(self, dataset: ImageDataset) -> ImageDataset:
+    def tolerant(self, dataset: ImageDataset) -> ImageDataset:
         """Unless every image was decoded by the check, loading failures are skipped, not fatal."""
         dataset.skip_unreadable = self.check_level != "full"
         return dataset
 
-    def _eval_transform(self) -> Any:
-        return eval_transform(self.image_size, self.preprocessing)
-
     def folder_splits(self) -> dict[str, list[tuple[Path, int]]]:
         """(path, label) samples of train, val and test from the image folder; with `folds`,
         train and val are the cross-validation fold's."""
-        splits = folder_splits(self.root, self.class_names, self.val_split, self.test_split, self.seed)
-        if self.folds:
-            pool = splits["train"] + splits["val"]
-            rest, val = fold_split([label for _, label in pool], self.folds, self.fold, self.seed)
-            splits["train"], splits["val"] = [pool[i] for i in rest], [pool[i] for i in val]
-        return splits
+        if not isinstance(self.source, FolderSource):
+            raise UserError("This needs an image folder: pass --data.dataset null --data.root FOLDER.")
+        return self.source.splits(self)
 
     def check(
         self,
@@ -338,7 +229,7 @@ class ImageDataModule(L.LightningDataModule):
         workers = max(1, usable_cores() // devices)
         return check_images(splits, class_names, self.max_image_pixels, level, workers, manifest, only)
 
-    def _usable(
+    def usable(
         self, splits: Splits, class_names: list[str], stage: str, base: Path | None, only: list[str] | None = None
     ) -> Splits:
         """`splits` (those in `only`) without unusable images, by `on_bad_image` (see `checks.usable`);
@@ -351,8 +242,8 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def predict_paths(self) -> list[Path]:
         """The image paths of the predict set, in dataset-index order."""
-        if self.shards:
-            return [Path(p) for p in self.shard_meta["predict_paths"]]
+        if isinstance(self.source, ShardSource):
+            return self.source.predict_paths
         dataset = self.datasets["predict"]
         assert isinstance(dataset, PredictDataset)
         return dataset.paths
@@ -360,8 +251,8 @@ class ImageDataModule(L.LightningDataModule):
     # -- loaders --
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if self.shards and train:
-            return self._shard_loader(split)
+        if isinstance(self.source, ShardSource) and train:
+            return self.source.train_loader(self, split, self._on_gpu)
         dataset: ImageDataset | LabelsOnly = self.datasets[split]
         labels_only = train and self.train_labels_only
         if labels_only:
@@ -369,14 +260,8 @@ class ImageDataModule(L.LightningDataModule):
         workers = 0 if labels_only else self.num_workers
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler: Sampler | None = None
-        if train and self.balance == "sampler":
-            sampler = BalancedEpochSampler(dataset, self._targets(split), num_replicas=world, rank=rank, seed=self.seed)
-        elif train:
-            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        elif world > 1 and len(dataset) >= world:
-            # Each image evaluated exactly once: no padding with repeats, as DistributedSampler would.
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        targets = lambda: self._targets(split)  # noqa: E731
+        sampler = split_sampler(dataset, train, self.balance, world, rank, self.seed, targets)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -385,44 +270,19 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=train and math.ceil(len(dataset) / world) > self.batch_size,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
-        )
-
-    def _shard_loader(self, split: str) -> DataLoader:
-        if self.train_labels_only:
-            raise UserError("model.cache_features needs an image folder or a named dataset, not litdata shards.")
-        trainer = self.trainer
-        return shard_loader(
-            self.datasets[split],
-            int(self.shard_meta["splits"][split]),
-            trainer,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
+            pin_memory=self._on_gpu,
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
         """Items of images that failed to load (data.check header/off) leave the batch here,
         noted for the summary at the end of the command (`teardown`)."""
-        indices = batch[2]
-        if not isinstance(indices, torch.Tensor) or not bool((indices < 0).any()):
-            return batch
-        keep = indices >= 0
         stage = self.trainer.state.stage if self.trainer is not None else None
-        split = STAGE_SPLIT.get(str(stage.value) if stage is not None else "", "predict")
-        self.unreadable.setdefault(split, set()).update((-1 - indices[~keep]).tolist())
-        return [part[keep] if isinstance(part, torch.Tensor) else part for part in batch]
+        return self.unreadable.drop(batch, STAGE_SPLIT.get(str(stage.value) if stage is not None else "", "predict"))
 
     def teardown(self, stage: str) -> None:
         """Say which images failed to load and were skipped during `stage`, if any."""
-        gathered: dict[str, set[int]] = {}
-        for part in gather_objects(self.unreadable):
-            for split, indices in part.items():
-                gathered.setdefault(split, set()).update(indices)
-        self.unreadable = {}
-        if not gathered:
-            return
-        warn(unreadable_summary(self.datasets, gathered, self.check_level))
+        if summary := self.unreadable.summary(self.datasets, self.check_level):
+            warn(summary)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> tuple[torch.Tensor, ...]:
         """uint8 images on the device to normalised floats; in-memory images are cropped,

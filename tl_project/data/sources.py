@@ -1,0 +1,185 @@
+"""Where ImageDataModule's labelled images come from: one class per source.
+
+Each source validates its own options, knows its classes before `setup()`, and builds the
+datasets of the splits a stage needs; the data module (`module.py`) keeps what every source
+shares: the loaders, the batch hooks, the data check and the predict folder.
+
+- `NamedSource`: a torchvision dataset by name, held in memory; its official test split.
+- `FolderSource`: `root/<class>/*` or `root/{train,val,test}/<class>/*`, checked first.
+- `ShardSource`: LitData shards written by `python -m tl_project optimize`, streamed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from tl_project.data.datasets import FolderDataset, ImageDataset, PredictDataset, TensorImageDataset
+from tl_project.data.folders import folder_classes, folder_splits, predict_paths
+from tl_project.data.named import NAMED_DATASETS, download_named, read_named
+from tl_project.data.splits import SPLITS, fold_split, stratified_split
+from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, is_url, read_meta, shard_loader, shard_split
+from tl_project.errors import UserError, class_mismatch
+from tl_project.transforms import CropSampler
+
+# The ImageDataModule whose options and checks a source uses (module.py imports this module,
+# so it is not imported here).
+ImageDataModule = Any
+
+# The splits each stage uses (only these are built), and those it checks: fit checks the
+# test images too, so that problems and leakage show before training, not after it.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "optimize": SPLITS}
+STAGE_CHECKS = {"fit": SPLITS, "validate": ("val",), "test": ("test",), "optimize": SPLITS}
+
+
+def checked_classes(expected: list[str] | None, found: list[str], where: str = "") -> list[str]:
+    """`found`, after checking it is the `expected` class list (e.g. a checkpoint's), if given."""
+    if expected is not None and list(expected) != found:
+        raise class_mismatch(list(expected), found, where)
+    return found
+
+
+class NamedSource:
+    """A torchvision dataset by name: the official test split is the test set, and `val_split`
+    of the official train split (stratified, or the cross-validation fold) validates."""
+
+    def __init__(self, name: str, root: Path | None, download: bool) -> None:
+        self.name, self.download = name, download
+        self._root = root
+
+    @property
+    def root(self) -> Path:
+        """Where the dataset is stored."""
+        if self._root is None:
+            raise UserError(f"--data.dataset {self.name} needs --data.root: where it is stored or goes.")
+        return self._root
+
+    def classes(self, expected: list[str] | None) -> list[str]:
+        return checked_classes(expected, NAMED_DATASETS[self.name], f" in {self._root}")
+
+    def prepare(self) -> None:
+        """Download the dataset once per node."""
+        if self.download:
+            download_named(self.name, self.root)
+
+    def build(self, data: ImageDataModule, splits: list[str], stage: str) -> dict[str, Any]:
+        """All three splits at once (they are carved from the same arrays)."""
+        images, labels = read_named(self.name, self.root, train=True)
+        if data.folds:
+            rest, val = fold_split(labels.tolist(), data.folds, data.fold, data.seed)
+        else:
+            rest, val = stratified_split(labels.tolist(), [data.val_split], data.seed)
+        test_images, test_labels = read_named(self.name, self.root, train=False)
+        eval_crop = CropSampler(data.image_size, train=False, preprocessing=data.preprocessing)
+        train_crop = CropSampler(data.image_size, data.min_crop_scale) if data.augment else eval_crop
+        return {
+            "train": TensorImageDataset(images[rest], labels[rest], train_crop, data.seed),
+            "val": TensorImageDataset(images[val], labels[val], eval_crop),
+            "test": TensorImageDataset(test_images, test_labels, eval_crop),
+        }
+
+
+class FolderSource:
+    """An image folder: a split without its own folder is carved out of train by `val_split` /
+    `test_split`, stratified by class and deterministic from `seed`."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def classes(self, expected: list[str] | None) -> list[str]:
+        if (self.root is None or not self.root.is_dir()) and expected is not None:
+            return list(expected)  # e.g. predict on another machine: the folder is checked in setup
+        return checked_classes(expected, folder_classes(self.root), f" in {self.root}")
+
+    def prepare(self) -> None:
+        pass
+
+    def splits(self, data: ImageDataModule) -> dict[str, list[tuple[Path, int]]]:
+        """(path, label) samples of train, val and test; with `folds`, train and val are the
+        cross-validation fold's."""
+        splits = folder_splits(self.root, data.class_names, data.val_split, data.test_split, data.seed)
+        if data.folds:
+            pool = splits["train"] + splits["val"]
+            rest, val = fold_split([label for _, label in pool], data.folds, data.fold, data.seed)
+            splits["train"], splits["val"] = [pool[i] for i in rest], [pool[i] for i in val]
+        return splits
+
+    def build(self, data: ImageDataModule, splits: list[str], stage: str) -> dict[str, Any]:
+        """The datasets of `splits`: the whole folder is listed (the split assignment needs it),
+        and the splits of `STAGE_CHECKS` checked."""
+        checked = [split for split in SPLITS if split in splits or split in STAGE_CHECKS[stage]]
+        samples = data.usable(self.splits(data), data.class_names, stage, self.root, only=checked)
+        return {
+            split: data.tolerant(FolderDataset(samples[split], data.transform(split), data.seed)) for split in splits
+        }
+
+
+class ShardSource:
+    """LitData shards (a local folder or a URL) and the record optimize wrote next to them."""
+
+    def __init__(self, root: str | None, balance: str, folds: int) -> None:
+        if not root:
+            raise UserError(f"--data.dataset {LITDATA} needs --data.root: the folder or URL optimize wrote.")
+        if balance == "sampler":
+            raise UserError("data.balance sampler needs random access; LitData shards stream: use data.balance loss.")
+        if folds:
+            raise UserError("Cross-validation re-splits the images; LitData shards hold fixed splits: use the folder.")
+        self.root = root if is_url(root) else str(Path(root).expanduser())
+        self.meta = read_meta(self.root)
+
+    def classes(self, expected: list[str] | None) -> list[str]:
+        return checked_classes(expected, list(self.meta["classes"]), f" in {self.root}")
+
+    def prepare(self) -> None:
+        pass
+
+    def build(self, data: ImageDataModule, splits: list[str], stage: str) -> dict[str, ShardDataset | ShardItems]:
+        return {split: shard_split(self.root, self.meta, split, data.transform(split), data.seed) for split in splits}
+
+    def class_counts(self, class_names: list[str]) -> list[int]:
+        counts = self.meta.get("train_counts") or {}
+        return [int(counts.get(name, 0)) for name in class_names]
+
+    @property
+    def predict_paths(self) -> list[Path]:
+        return [Path(p) for p in self.meta["predict_paths"]]
+
+    def train_loader(self, data: ImageDataModule, split: str, pin_memory: bool) -> DataLoader:
+        if data.train_labels_only:
+            raise UserError("model.cache_features needs an image folder or a named dataset, not litdata shards.")
+        return shard_loader(
+            data.datasets[split],
+            int(self.meta["splits"][split]),
+            data.trainer,
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            pin_memory=pin_memory,
+        )
+
+
+def predict_folder(data: ImageDataModule) -> ImageDataset:
+    """The images of `--data.predict_dir` (a folder, searched recursively, or one file), checked."""
+    paths = predict_paths(data.predict_dir)
+    base = Path(data.predict_dir or ".").expanduser()
+    found = data.usable({"predict": [(p, 0) for p in paths]}, ["images"], "predict", base if base.is_dir() else None)
+    return data.tolerant(PredictDataset([p for p, _ in found["predict"]], data.transform("predict")))
+
+
+Source = NamedSource | FolderSource | ShardSource
+
+
+def make_source(dataset: str | None, root: str | None, download: bool, balance: str, folds: int) -> Source:
+    """The source `--data.dataset` names: a torchvision name, litdata, or null for a folder."""
+    if dataset == LITDATA:
+        return ShardSource(root, balance, folds)
+    path = Path(root).expanduser() if root is not None else None
+    if dataset is None:
+        return FolderSource(path)
+    if dataset in NAMED_DATASETS:
+        return NamedSource(dataset, path, download)
+    raise UserError(
+        f"Unknown dataset {dataset!r}. Choose one of {', '.join(NAMED_DATASETS)}, {LITDATA} for shards "
+        "written by python -m tl_project optimize, or null for an image folder given by --data.root."
+    )
