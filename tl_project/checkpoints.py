@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from tl_project.errors import UserError
+from tl_project.errors import UserError, class_mismatch
 
 # What LightningCLI records when it builds the model; anything else is refused.
 TRUSTED_INSTANTIATORS = frozenset({"lightning.pytorch.cli.instantiate_module"})
@@ -126,3 +126,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
+
+
+def check_compatible(saved: dict[str, Any], class_names: list[str], backbone: str) -> None:
+    """A checkpoint's hyperparameters (`saved`) fit a model of these classes and backbone."""
+    saved_names = saved.get("class_names") or [str(i) for i in range(saved.get("num_classes", 0))]
+    if saved_names and saved_names != class_names:
+        raise class_mismatch(saved_names, class_names)
+    if saved.get("backbone", backbone) != backbone:
+        raise UserError(
+            f"The checkpoint holds a {saved['backbone']!r} backbone, not {backbone!r}: "
+            f"pass --model.backbone {saved['backbone']}."
+        )

@@ -86,3 +86,22 @@ class FinetunePolicy:
         # With a frozen backbone only the head's parameters require gradients.
         trainable = [p for module in (backbone, head) for p in module.parameters() if p.requires_grad]
         return [{"params": trainable}], [1.0]
+
+    def check_strategy(self, strategy: Any, world_size: int) -> None:
+        """gradual under DDP: the backbone has no gradients at first, which DDP must be told.
+        DDPStrategy keeps its options in `_ddp_kwargs`, with no public reader."""
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        needs_flag = self.mode == "gradual" and world_size > 1 and ddp_kwargs is not None
+        if needs_flag and not ddp_kwargs.get("find_unused_parameters"):  # type: ignore[union-attr]
+            raise UserError(
+                "finetune gradual leaves the backbone without gradients at first, which DDP must be told: "
+                "pass --trainer.strategy ddp_find_unused_parameters_true."
+            )
+
+    def phase_message(self, epoch: int, trainable: int, rates: list[float]) -> str:
+        """What gradual says when its phase changes."""
+        state = "frozen" if self.backbone_frozen(epoch) else "training"
+        return (
+            f"Epoch {epoch}: backbone {state}; {trainable:,} trainable parameters; "
+            f"learning rates head {rates[0]:.3g}, backbone {rates[1]:.3g}"
+        )

@@ -9,22 +9,21 @@ when (`finetune` full / head / gradual, `freeze_batchnorm`) is the fine-tune pol
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tl_project.backbones import build_backbone, weights_preprocessing
-from tl_project.checkpoints import read_checkpoint
-from tl_project.errors import UserError, class_mismatch
+from tl_project.checkpoints import check_compatible, read_checkpoint
+from tl_project.errors import UserError
+from tl_project.features import FeatureCache
 from tl_project.finetune import FinetunePolicy
-from tl_project.recipe import BatchMix, balanced_class_weights, mix_seed, recipe_traps, warmup_cosine
+from tl_project.recipe import BatchMix, fit_traps, learning_rate_schedule, loss_weights, mix_seed
 from tl_project.runtime import MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
 from tl_project.transforms import Preprocessing
 
@@ -51,6 +50,23 @@ def stage_metrics(stage: str, num_classes: int) -> MetricCollection:
         if num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=f"{stage}/")
+
+
+def check_options(
+    finetune: str, cache_features: bool, mixing: float, schedule: str, warmup_epochs: float, lr_scheduler: Any
+) -> None:
+    """The cross-option rules of the model's own options, before anything is built."""
+    if (schedule == "cosine" or warmup_epochs) and lr_scheduler is not None:
+        raise UserError("Pass either model.schedule / model.warmup_epochs or model.lr_scheduler, not both.")
+    if cache_features and finetune != "head":
+        raise UserError(
+            f"model.cache_features reuses the backbone's features, so they must not change: it needs "
+            f"--model.finetune head (not {finetune}) and --data.augment false."
+        )
+    if cache_features and mixing:
+        raise UserError(
+            "model.cache_features trains on fixed features: it cannot mix images (model.mixup, model.cutmix)."
+        )
 
 
 class TransferLearningModel(L.LightningModule):
@@ -111,18 +127,7 @@ class TransferLearningModel(L.LightningModule):
             raise UserError(f"{len(class_names)} class_names given for num_classes={num_classes}.")
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        # The cross-option rules of the model's own options, before anything is built.
-        if (schedule == "cosine" or warmup_epochs) and lr_scheduler is not None:
-            raise UserError("Pass either model.schedule / model.warmup_epochs or model.lr_scheduler, not both.")
-        if cache_features and finetune != "head":
-            raise UserError(
-                f"model.cache_features reuses the backbone's features, so they must not change: it needs "
-                f"--model.finetune head (not {finetune}) and --data.augment false."
-            )
-        if cache_features and (mixup or cutmix):
-            raise UserError(
-                "model.cache_features trains on fixed features: it cannot mix images (model.mixup, model.cutmix)."
-            )
+        check_options(finetune, cache_features, mixup or cutmix, schedule, warmup_epochs, lr_scheduler)
         self.policy = FinetunePolicy(finetune, unfreeze_at_epoch, backbone_lr_factor, freeze_batchnorm)
         self.optimizer_factory = optimizer or default_optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -147,8 +152,7 @@ class TransferLearningModel(L.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self._was_frozen: bool | None = None  # the phase of the last training epoch (gradual)
         self._compiled = False
-        # Frozen-backbone features of the training images by dataset index (cache_features).
-        self._features: torch.Tensor | None = None
+        self.features = FeatureCache()  # filled when training starts, with cache_features
 
     def setup(self, stage: str) -> None:
         if self.hparams["channels_last"]:
@@ -192,76 +196,31 @@ class TransferLearningModel(L.LightningModule):
         if self.policy.mode != "gradual" or frozen == self._was_frozen:
             return
         self._was_frozen = frozen
-        trainable = self.head if frozen else self
-        count = sum(p.numel() for p in trainable.parameters())
+        count = sum(p.numel() for p in (self.head if frozen else self).parameters())
         rates = [group["lr"] for group in self.trainer.optimizers[0].param_groups]
-        say(
-            f"Epoch {self.current_epoch}: backbone {'frozen' if frozen else 'training'}; "
-            f"{count:,} trainable parameters; learning rates head {rates[0]:.3g}, backbone {rates[1]:.3g}"
-        )
+        say(self.policy.phase_message(self.current_epoch, count, rates))
         self.log("trainable_params", float(count), on_epoch=True, on_step=False)
 
-    def _cached_logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The head on the cached backbone features of these images."""
-        assert self._features is not None
-        return self.head(self._features[indices].to(self.head.weight.dtype))
-
     def on_train_start(self) -> None:
-        if not self.hparams["cache_features"]:
-            return
-        # One pass over every training image, in order, before the first step: later
-        # epochs only look features up (shuffling and drop_last cannot leave gaps).
-        datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
-        loader = datamodule.feature_loader()
-        self.train()  # Lightning may have restored saved module modes: the frozen backbone is in eval
-        self._features = torch.zeros(len(loader.dataset), self.head.in_features, device=self.device)
-        with torch.no_grad():
-            for batch in loader:
-                batch = datamodule.on_before_batch_transfer(batch, 0)  # unreadable images out
-                images, _, indices = datamodule.on_after_batch_transfer(move_data_to_device(batch, self.device))
-                if self.hparams["channels_last"]:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with self.trainer.precision_plugin.forward_context():
-                    self._features[indices] = self.backbone(images).float()
+        if self.hparams["cache_features"]:
+            self.features.fill(self, self.trainer.datamodule)  # type: ignore[attr-defined]
 
     def on_fit_start(self) -> None:
         datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
-        if self.hparams["cache_features"] and getattr(datamodule, "augment", True):
-            raise UserError(
-                "model.cache_features reuses the backbone's features, so they must not change: "
-                "pass --data.augment false (augmented images give other features every epoch)."
-            )
+        if self.hparams["cache_features"]:
+            FeatureCache.check(datamodule)
         self.data_seed = int(getattr(datamodule, "seed", 0))  # MixUp/CutMix draws follow from it
         self.class_weights = None
         if getattr(datamodule, "balance", "none") == "loss":
-            self.class_weights = balanced_class_weights(datamodule.class_counts).to(self.device)
-            say(
-                "Class weights of the training loss (data.balance loss): "
-                + ", ".join(
-                    f"{name} {w:.3g}" for name, w in zip(self.class_names, self.class_weights.tolist(), strict=True)
-                )
-            )
+            self.class_weights = loss_weights(datamodule.class_counts, self.class_names).to(self.device)
         if hasattr(datamodule, "train_labels_only"):
             # With the cache, training epochs look features up by index: they need no image.
             datamodule.train_labels_only = bool(self.hparams["cache_features"])
         # Last: estimating the steps builds the training loader, which must know its mode first.
-        steps = self.trainer.estimated_stepping_batches  # infinite for a run without an end
-        for trap in recipe_traps(
-            int(steps) if math.isfinite(steps) else 0,
-            self.trainer.max_epochs or 0,
-            self.trainer.callbacks,  # type: ignore[attr-defined]
-            self.hparams["warmup_epochs"],
-            bool(self.mix),
-            datamodule.class_counts if self.mix and hasattr(datamodule, "class_counts") else [],
-        ):
+        counts = datamodule.class_counts if self.mix and hasattr(datamodule, "class_counts") else []
+        for trap in fit_traps(self.trainer, self.hparams["warmup_epochs"], bool(self.mix), counts):
             warn(trap)
-        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
-        needs_flag = self.policy.mode == "gradual" and self.trainer.world_size > 1 and ddp_kwargs is not None
-        if needs_flag and not ddp_kwargs.get("find_unused_parameters"):  # type: ignore[union-attr]
-            raise UserError(
-                "finetune gradual leaves the backbone without gradients at first, which DDP must be told: "
-                "pass --trainer.strategy ddp_find_unused_parameters_true."
-            )
+        self.policy.check_strategy(self.trainer.strategy, self.trainer.world_size)
 
     # -- steps --
 
@@ -273,8 +232,8 @@ class TransferLearningModel(L.LightningModule):
             seed = mix_seed(self.data_seed, self.current_epoch, batch_idx, self.global_rank)
             images, targets = self.mix(images, labels, seed)  # class probabilities
             labels = targets.argmax(dim=1)  # for the training accuracy: the larger share
-        if stage == "train" and self._features is not None:
-            logits = self._cached_logits(images, indices)
+        if stage == "train" and self.features:
+            logits = self.head(self.features[indices].to(self.head.weight.dtype))
         else:
             logits = self.evaluate(images) if stage == "test" else self(images)
         if stage == "train":
@@ -340,21 +299,14 @@ class TransferLearningModel(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         for group, factor in zip(optimizer.param_groups, factors, strict=True):
             group["lr"] *= factor
-        if self.hparams.get("schedule") == "cosine" or self.hparams.get("warmup_epochs"):
-            total = int(self.trainer.estimated_stepping_batches)
-            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-            warmup = round(self.hparams["warmup_epochs"] * total / epochs)
-            steps = total if self.hparams["schedule"] == "cosine" else 10**12  # constant after the warmup
-            stepwise = warmup_cosine(optimizer, steps, warmup)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": stepwise, "interval": "step"}}
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            # The plateau of what the scheduler watches for: accuracy rises (mode max), loss falls (min).
-            config["monitor"] = MONITOR if scheduler.mode == MONITOR_MODE else "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return learning_rate_schedule(
+            optimizer,
+            self.hparams.get("schedule", "constant"),
+            self.hparams.get("warmup_epochs", 0.0),
+            self.lr_scheduler_factory,
+            lambda: (int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs),
+            (MONITOR, MONITOR_MODE),
+        )
 
     # -- checkpoints --
 
@@ -366,12 +318,4 @@ class TransferLearningModel(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        saved_names = saved.get("class_names") or [str(i) for i in range(saved.get("num_classes", 0))]
-        if saved_names and saved_names != self.class_names:
-            raise class_mismatch(saved_names, self.class_names)
-        if saved.get("backbone", self.hparams["backbone"]) != self.hparams["backbone"]:
-            raise UserError(
-                f"The checkpoint holds a {saved['backbone']!r} backbone, not {self.hparams['backbone']!r}: "
-                f"pass --model.backbone {saved['backbone']}."
-            )
+        check_compatible(checkpoint.get("hyper_parameters", {}), self.class_names, self.hparams["backbone"])

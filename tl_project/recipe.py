@@ -26,6 +26,8 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from torch.optim.lr_scheduler import LambdaLR
 from torchvision.transforms import v2
 
+from tl_project.runtime import say
+
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> LambdaLR:
     """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps` (a factor of each group's lr)."""
@@ -37,6 +39,35 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return LambdaLR(optimizer, factor)
+
+
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    warmup_epochs: float,
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None,
+    run_length: Callable[[], tuple[int, int | None]],
+    monitor: tuple[str, str],
+) -> Any:
+    """What `configure_optimizers` returns: with `schedule` cosine or a warmup, a per-step
+    `warmup_cosine` over the run's estimated steps; else the user's `lr_scheduler`, stepped
+    every epoch (a ReduceLROnPlateau watches `monitor` when its mode is the monitor's, else
+    the validation loss); else the optimizer alone. `run_length` gives the run's (steps, epochs)."""
+    if schedule == "cosine" or warmup_epochs:
+        total, max_epochs = run_length()
+        epochs = max_epochs if max_epochs and max_epochs > 0 else 1
+        warmup = round(warmup_epochs * total / epochs)
+        steps = total if schedule == "cosine" else 10**12  # constant after the warmup
+        stepwise = warmup_cosine(optimizer, steps, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": stepwise, "interval": "step"}}
+    if lr_scheduler is None:
+        return optimizer
+    scheduler = lr_scheduler(optimizer)
+    config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        # The plateau of what the scheduler watches for: accuracy rises (mode max), loss falls (min).
+        config["monitor"] = monitor[0] if scheduler.mode == monitor[1] else "val/loss"
+    return {"optimizer": optimizer, "lr_scheduler": config}
 
 
 class BatchMix:
@@ -77,6 +108,14 @@ def balanced_class_weights(counts: Sequence[int]) -> torch.Tensor:
     present = counts_t > 0
     weights = torch.zeros_like(counts_t)
     weights[present] = counts_t.sum() / (present.sum() * counts_t[present])
+    return weights
+
+
+def loss_weights(counts: Sequence[int], class_names: Sequence[str]) -> torch.Tensor:
+    """`balanced_class_weights` of data.balance loss, said per class."""
+    weights = balanced_class_weights(counts)
+    listed = ", ".join(f"{name} {w:.3g}" for name, w in zip(class_names, weights.tolist(), strict=True))
+    say(f"Class weights of the training loss (data.balance loss): {listed}")
     return weights
 
 
@@ -178,3 +217,10 @@ def recipe_traps(
             f"{MIN_MIX_IMAGES} a class). Consider --model.mixup 0 --model.cutmix 0."
         )
     return traps
+
+
+def fit_traps(trainer: Any, warmup_epochs: float, mixing: bool, class_counts: Sequence[int]) -> list[str]:
+    """`recipe_traps` of a Trainer's run (its estimated steps: infinite for a run without an end)."""
+    steps = trainer.estimated_stepping_batches
+    total = int(steps) if math.isfinite(steps) else 0
+    return recipe_traps(total, trainer.max_epochs or 0, trainer.callbacks, warmup_epochs, mixing, class_counts)
