@@ -339,7 +339,7 @@ def test_private_lightning_members_in_use_still_exist() -> None:
         assert callable(getattr(ModelCheckpoint, name, None)), name
     assert callable(getattr(ModelCheckpoint, "_should_skip_saving_checkpoint", None))
     assert ModelCheckpoint()._last_global_step_saved == 0
-    # model.py: whether DDP was told about unused parameters (finetune gradual).
+    # finetune.py: whether DDP was told about unused parameters (finetune gradual).
     assert DDPStrategy(find_unused_parameters=True)._ddp_kwargs == {"find_unused_parameters": True}
     # recipe.py: an EMA callback's AveragedModel arguments (its update function, which holds the decay).
     from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -353,6 +353,11 @@ def test_private_lightning_members_in_use_still_exist() -> None:
     from litdata import StreamingDataLoader
 
     assert "self.restore = " in inspect_module.getsource(StreamingDataLoader.__init__)
+    # serve.py: LitServe's API key, read from the environment at import, checked per request.
+    import litserve.server
+
+    assert hasattr(litserve.server, "LIT_SERVER_API_KEY")
+    assert "LIT_SERVER_API_KEY" in inspect_module.getsource(litserve.server.api_key_auth)
 
 
 def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:

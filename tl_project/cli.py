@@ -1,4 +1,4 @@
-"""The command line: `python -m tl_project {fit,validate,test,predict,check,export,tune,cv,optimize}`.
+"""The command line: `python -m tl_project {fit,validate,test,predict,check,export,tune,cv,optimize,serve}`.
 
 `COMMANDS` is the table of commands: each one's one-line description (shown by `--help`)
 and the module that runs it, imported only when the command runs, so that the table
@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "optimize": (
         "Write an image folder's splits as LitData shards, to stream from disk or object storage.",
         "optimize",
+    ),
+    "serve": (
+        "Serve a checkpoint or .onnx file over HTTP: POST /predict, an upload page, dynamic batching.",
+        "serve",
     ),
 }
 

@@ -1,0 +1,361 @@
+"""`serve`: a checkpoint or an exported .onnx file behind HTTP, on LitServe.
+
+    python -m tl_project serve --ckpt_path runs/version_0/checkpoints/best.ckpt
+    curl -F file=@photo.jpg http://127.0.0.1:8000/predict
+
+- `POST /predict`: one image as a multipart upload in the field `file`; the answer is what
+  `predict` writes for the same file (same decoding, preprocessing, precision and `model.tta`):
+  `{"prediction", "probability", "top": [{"class", "probability"}, ...]}` (top-5 or fewer).
+- `GET /health`: 200 once every inference worker has loaded the model, 503 before.
+- `GET /info`: the model (backbone, classes, preprocessing, file) and the batching settings.
+- `GET /`: an upload page (`serve_page.html`, plain HTML and JS, works offline).
+
+Requests are batched dynamically (LitServe's `max_batch_size` / `batch_timeout`). Each
+request is checked on its own: the upload gate (an ASGI middleware, before the body is
+read) answers 415 for a body that is not a multipart upload and 413 for one over the size
+limit; in the worker, an upload that is missing, empty, not an image, truncated or over the
+pixel limit gets its own 400 or 413 while the others of its batch are answered as usual.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import urllib.request
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+import torch
+from fastapi import HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tl_project.checkpoints import find_checkpoint, read_checkpoint
+from tl_project.data.images import decode_image_bytes
+from tl_project.errors import UserError
+from tl_project.export import OnnxClassifier
+from tl_project.model import TransferLearningModel
+from tl_project.runtime import choose_precision, say, usable_cores
+from tl_project.transforms import Preprocessing, eval_transform, normalize
+
+TOP_K = 5
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")
+DEFAULT_MAX_PIXELS = 89_478_485  # data.max_image_pixels' default
+HOW_TO_SEND = "send the image as a multipart upload in the field 'file' (curl -F file=@photo.jpg URL/predict)"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A request answered with an error of its own (`status`, a 4xx) instead of a prediction."""
+
+    status: int
+    message: str
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.message}, status_code=self.status)
+
+
+class Classifier:
+    """A loaded model for serving: a tl_project checkpoint (PyTorch) or an exported .onnx file
+    (ONNX Runtime), with its classes and preprocessing. `probabilities` takes uint8 images."""
+
+    def __init__(self, path: str, device: str) -> None:
+        self.path, self.device = path, torch.device(device)
+        self.autocast: torch.dtype | None = None
+        self.onnx: OnnxClassifier | None = None
+        self.model: TransferLearningModel | None = None
+        if path.endswith(".onnx"):
+            self.onnx = OnnxClassifier(Path(path))
+            self.classes, self.image_size = self.onnx.classes, self.onnx.image_size
+            self.preprocessing: Preprocessing = self.onnx.preprocessing
+            self.backbone, self.tta, self.max_pixels = self.onnx.meta.get("backbone"), "none", DEFAULT_MAX_PIXELS
+            return
+        checkpoint = read_checkpoint(path)
+        data = checkpoint.get("datamodule_hyper_parameters") or {}
+        self.image_size = int(data.get("image_size", 224))
+        self.max_pixels = int(data.get("max_image_pixels", DEFAULT_MAX_PIXELS))
+        model = TransferLearningModel.load_from_checkpoint(path, weights=None, map_location="cpu")
+        self.model = model.eval().to(self.device)
+        if model.hparams["channels_last"]:
+            self.model.to(memory_format=torch.channels_last)
+        self.classes, self.preprocessing = model.class_names, model.preprocessing
+        self.backbone, self.tta = model.hparams["backbone"], model.hparams.get("tta", "none")
+        # The precision `predict` chooses: fp32 on a CPU, the GPU's fast one on CUDA.
+        precision, _ = choose_precision(self.device.type, training=False, batch_size=1, batchnorm_trains=False)
+        self.autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N x classes, float32 on the CPU) of uint8 images (N x 3 x S x S)."""
+        normalised = normalize(images.to(self.device), self.preprocessing)
+        if self.onnx is not None:
+            return self.onnx.probabilities(normalised)
+        assert self.model is not None
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)):
+            logits = self.model.evaluate(normalised)
+        return logits.float().softmax(dim=1).cpu()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "file": self.path,
+            "format": "onnx" if self.onnx is not None else "checkpoint",
+            "backbone": self.backbone,
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "preprocessing": self.preprocessing.as_dict(),
+            "tta": self.tta,
+            "max_image_pixels": self.max_pixels,
+        }
+
+
+def upload_bytes(request: Any) -> bytes | Rejected:
+    """The bytes of the upload in the field `file`, or why there is none."""
+    if not isinstance(request, Mapping) or "file" not in request:
+        return Rejected(400, f"No field 'file' in the request: {HOW_TO_SEND}.")
+    upload = request["file"]
+    if isinstance(upload, str) or not hasattr(upload, "file"):
+        return Rejected(400, f"The field 'file' holds text, not a file: {HOW_TO_SEND}.")
+    upload.file.seek(0)
+    data = upload.file.read()
+    return data if data else Rejected(400, "The uploaded file is empty: send an image file (JPEG, PNG, ...).")
+
+
+def header_problem(data: bytes, max_pixels: int) -> Rejected | None:
+    """What the image header alone refuses: not an image, or more pixels than the limit
+    (a decompression bomb is refused before its pixels are decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as error:
+        return Rejected(413, f"The image is too large to decode: {error}")
+    except Exception:
+        return Rejected(400, "The uploaded file is not an image this server can read (JPEG, PNG, WebP, ...).")
+    if width * height > max_pixels:
+        return Rejected(
+            413, f"The image has {width} x {height} = {width * height:,} pixels, over the limit of {max_pixels:,}."
+        )
+    return None
+
+
+class ClassifierAPI(ls.LitAPI):
+    """The model behind `POST /predict`; runs in LitServe's inference workers."""
+
+    def __init__(self, model_path: str, max_image_pixels: int | None, **batching: Any) -> None:
+        super().__init__(api_path="/predict", **batching)
+        self.model_path, self.max_image_pixels = model_path, max_image_pixels
+
+    def setup(self, device: str) -> None:
+        torch.set_num_threads(usable_cores())
+        self.classifier = Classifier(self.model_path, device)
+        self.max_pixels = self.max_image_pixels or self.classifier.max_pixels
+        self.transform = eval_transform(self.classifier.image_size, self.classifier.preprocessing)
+        self.pool = ThreadPoolExecutor(max(1, usable_cores()))  # decoding in parallel (the decoders release the GIL)
+        size = self.classifier.image_size
+        self.classifier.probabilities(torch.zeros(1, 3, size, size, dtype=torch.uint8))  # warm up before ready
+
+    def decode_request(self, request):  # LitServe reads the annotation: none (a form or a JSON body)
+        """The upload's bytes, or why it is refused; the cheap checks of one request."""
+        data = upload_bytes(request)
+        return data if isinstance(data, Rejected) else header_problem(data, self.max_pixels) or data
+
+    def _image(self, item: bytes | Rejected) -> torch.Tensor | Rejected:
+        if isinstance(item, Rejected):
+            return item
+        try:
+            return self.transform(decode_image_bytes(torch.frombuffer(bytearray(item), dtype=torch.uint8), "upload"))
+        except UserError:
+            return Rejected(400, "The uploaded image could not be decoded: it is truncated or corrupt.")
+
+    def predict(self, x: Any) -> Any:
+        """Every request of the batch answered on its own: the good images in one forward pass."""
+        items = x if isinstance(x, list) else [x]
+        images = list(self.pool.map(self._image, items))
+        good = [i for i, image in enumerate(images) if isinstance(image, torch.Tensor)]
+        outputs: list[Any] = list(images)
+        if good:
+            probabilities = self.classifier.probabilities(torch.stack([images[i] for i in good]))  # type: ignore[misc]
+            top = probabilities.topk(min(TOP_K, len(self.classifier.classes)), dim=1)
+            for row, i in enumerate(good):
+                outputs[i] = list(zip(top.indices[row].tolist(), top.values[row].tolist(), strict=True))
+        return outputs if isinstance(x, list) else outputs[0]
+
+    def encode_response(self, output):  # LitServe reads the annotation: none (a dict or a JSONResponse)
+        if isinstance(output, Rejected):
+            return output.response()
+        top = [{"class": self.classifier.classes[c], "probability": p} for c, p in output]
+        return {"prediction": top[0]["class"], "probability": top[0]["probability"], "top": top}
+
+
+class UploadGate:
+    """ASGI middleware of `POST /predict`: 415 for a body that is not a multipart upload, 413 for
+    one over `max_mb` (from Content-Length before anything is read, else while it streams), 400
+    for one whose multipart encoding cannot be parsed."""
+
+    def __init__(self, app: ASGIApp, max_mb: float) -> None:
+        self.app, self.max_mb, self.max_bytes = app, max_mb, int(max_mb * 2**20)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        kind = headers.get(b"content-type", b"").decode("latin-1")
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        too_large = Rejected(413, f"The upload is over the limit of {self.max_mb:g} MB (--max_upload_mb).")
+        if not kind.startswith("multipart/form-data"):
+            await Rejected(415, f"The body is {kind or 'without a type'}: {HOW_TO_SEND}.").response()(
+                scope, receive, send
+            )
+            return
+        if length.isdigit() and int(length) > self.max_bytes:
+            await too_large.response()(scope, receive, send)
+            return
+        body = bytearray()
+        while True:  # read here, within the limit, so that a malformed body is a 400, not a 500
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await too_large.response()(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        try:
+            await Request(scope, replay(bytes(body))).form()
+        except Exception as error:
+            await Rejected(400, f"The multipart body cannot be parsed ({error}): {HOW_TO_SEND}.").response()(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, replay(bytes(body)), send)
+
+
+def replay(body: bytes) -> Receive:
+    """An ASGI `receive` that gives `body` once, then waits for the client to disconnect."""
+    sent = False
+
+    async def receive() -> Any:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def replace_route(app: Any, path: str, endpoint: Any, response_class: Any = Response) -> None:
+    """`GET path` answered by `endpoint` instead of LitServe's own."""
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != path]
+    app.add_api_route(path, endpoint, methods=["GET"], response_class=response_class)
+
+
+def announce_when_ready(url: str, api_key: str | None, stop: threading.Event) -> None:
+    """Say the URL once /health answers 200 (every worker has loaded the model)."""
+    request = urllib.request.Request(f"{url}/health", headers={"X-API-Key": api_key} if api_key else {})
+    while not stop.wait(0.2):
+        try:
+            with urllib.request.urlopen(request, timeout=2) as answer:
+                if answer.status == 200:
+                    say(f"Serving at {url} (upload page: {url}/, API: POST {url}/predict, Ctrl+C to stop)")
+                    return
+        except OSError:
+            continue
+
+
+def serve(
+    ckpt_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 8,
+    batch_timeout: float = 0.01,
+    workers_per_device: int = 1,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    max_upload_mb: float = 20.0,
+    max_image_pixels: int | None = None,
+    api_key: str | None = None,
+    timeout: float = 30.0,
+) -> None:
+    """Serve a checkpoint or an exported .onnx file over HTTP: POST /predict, GET /health, /info, and an upload page at /.
+
+    Args:
+        ckpt_path: A tl_project checkpoint (.ckpt; last or best: the newest run's), or an .onnx file written by export.
+        host: The address to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface: set --api_key).
+        port: The port to listen on (1024-65535).
+        max_batch_size: Requests batched into one forward pass at most; 1 turns batching off.
+        batch_timeout: Seconds a batch waits to fill up before it runs.
+        workers_per_device: Inference worker processes per device, each with its own copy of the model.
+        accelerator: cpu, cuda or auto.
+        devices: Devices to use (a number), or auto.
+        max_upload_mb: Uploads over this size are refused with 413 before they are read.
+        max_image_pixels: Images with more pixels are refused with 413 from their header; null: the checkpoint's data.max_image_pixels.
+        api_key: If set, every request must carry it in the header X-API-Key (the page asks for it).
+        timeout: Seconds a request may wait for its answer before a 504.
+    """
+    if host not in HOSTS:
+        raise UserError(f"--host {host}: choose one of {', '.join(HOSTS)}.")
+    if not 1024 <= port <= 65535:
+        raise UserError(f"--port {port}: choose a port from 1024 to 65535.")
+    if max_batch_size < 1 or batch_timeout < 0 or workers_per_device < 1 or max_upload_mb <= 0:
+        raise UserError(
+            "--max_batch_size and --workers_per_device must be 1 or more, --batch_timeout 0 or more, "
+            "--max_upload_mb above 0."
+        )
+    path = find_checkpoint(ckpt_path, "runs")
+    described = Classifier(path, "cpu").describe()  # a bad file fails here, with its reason, not in a worker
+    if max_image_pixels:
+        described["max_image_pixels"] = max_image_pixels
+    api = ClassifierAPI(path, max_image_pixels, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    ls.server.LIT_SERVER_API_KEY = api_key  # LitServe's key check reads it (it is read from the environment)
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        devices=devices,
+        workers_per_device=workers_per_device,
+        timeout=timeout,
+        middlewares=[(UploadGate, {"max_mb": max_upload_mb})],
+        restart_workers=True,
+    )
+    batching = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout}
+    limits = {"max_upload_mb": max_upload_mb, "max_image_pixels": described["max_image_pixels"]}
+    workers = {"accelerator": accelerator, "devices": devices, "workers_per_device": workers_per_device}
+    info = {"model": described, "batching": batching, "limits": limits, "workers": workers}
+    page = resources.files("tl_project").joinpath("serve_page.html").read_text()
+
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    async def info_endpoint(request: Request) -> JSONResponse:
+        if api_key and request.headers.get("x-api-key") != api_key:
+            raise HTTPException(401, "Pass the server's API key in the header X-API-Key.")
+        return JSONResponse(info)
+
+    replace_route(server.app, "/", index, HTMLResponse)
+    replace_route(server.app, "/info", info_endpoint, JSONResponse)
+    url = f"http://{'127.0.0.1' if host != '::' else '[::1]'}:{port}"
+    stop = threading.Event()
+    threading.Thread(target=announce_when_ready, args=(url, api_key, stop), daemon=True).start()
+    main_process = os.getpid()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if os.getpid() != main_process:  # a forked worker that kept the handler: end as by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise KeyboardInterrupt  # LitServe's graceful shutdown: workers stopped, the port freed
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+    finally:
+        stop.set()
+        signal.signal(signal.SIGTERM, previous)
+    say("Server stopped.")
