@@ -114,25 +114,33 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
     plt.close(fig)
 
 
+def plot_image_grid(items: Sequence[tuple[torch.Tensor, str]], title: str, empty: str, path: Path) -> None:
+    """A grid of uint8 CHW images, each with its caption, under `title` (`empty` when there are none)."""
+    columns = min(4, max(1, len(items)))
+    rows = max(1, math.ceil(len(items) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, caption) in zip(axes.flat, items, strict=False):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(caption, fontsize=9)
+    if not items:
+        axes.flat[0].text(0.5, 0.5, empty, ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the first row
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_misclassified(
     wrong: Sequence[tuple[float, int, int, int]], dataset: Any, class_names: Sequence[str], path: Path
 ) -> None:
     """A grid of the most confidently wrong images: true and predicted class, confidence."""
-    columns = min(4, max(1, len(wrong)))
-    rows = max(1, math.ceil(len(wrong) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (confidence, index, target, predicted) in zip(axes.flat, wrong, strict=False):
-        image, _ = dataset.load(index)
-        ax.imshow(image.permute(1, 2, 0).numpy())  # datasets load uint8 CHW tensors
-        ax.set_title(f"true: {class_names[target]}\npredicted: {class_names[predicted]} ({confidence:.2f})", fontsize=9)
-    if not wrong:
-        axes.flat[0].text(0.5, 0.5, "No misclassified test images", ha="center", va="center")
-    fig.suptitle("Most confidently wrong test images")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the first row
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    items = [
+        (dataset.load(index)[0], f"true: {class_names[target]}\npredicted: {class_names[predicted]} ({confidence:.2f})")
+        for confidence, index, target, predicted in wrong
+    ]
+    plot_image_grid(items, "Most confidently wrong test images", "No misclassified test images", path)
 
 
 def read_epoch_curves(metrics_csv: Path) -> dict[str, dict[int, float]]:
