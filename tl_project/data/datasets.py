@@ -116,10 +116,18 @@ class TensorImageDataset(ImageDataset):
     batch on the device.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: CropSampler, seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: CropSampler,
+        seed: int = 0,
+        names: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(transform, seed)
         self.images = images
         self.labels = labels
+        self.names = list(names) if names is not None else None  # e.g. FashionMNIST/train/123
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -131,6 +139,9 @@ class TensorImageDataset(ImageDataset):
 
     def target(self, index: int) -> int:
         return int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return self.names[index] if self.names is not None else f"#{index}"
 
     def item(self, index: int) -> tuple[Any, ...]:
         image, target = self.load(index)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from tl_project.data.checks import DataReport, Unreadable, check_images, usable
 from tl_project.data.datasets import ImageDataset, LabelsOnly, PredictDataset, split_sampler
+from tl_project.data.exclude import Exclusion
 from tl_project.data.folders import Splits
 from tl_project.data.manifest import Manifest
 from tl_project.data.sources import STAGE_SPLITS, FolderSource, ShardSource, make_source, predict_folder
@@ -87,6 +88,7 @@ class ImageDataModule(L.LightningDataModule):
         balance: Literal["none", "sampler", "loss"] = "none",
         folds: int = 0,
         fold: int = 0,
+        exclude: str | None = None,
     ) -> None:
         """
         Args:
@@ -110,11 +112,12 @@ class ImageDataModule(L.LightningDataModule):
             balance: For imbalanced classes: sampler draws every class equally often in training; loss weights each class's loss by its rarity; none.
             folds: Cross-validation: split train and validation images together into this many stratified folds (from seed); 0 for none. The test set is never touched.
             fold: With folds: the fold that validates; the others train.
+            exclude: A file listing images to leave out of training and validation, never out of test: a label_issues.csv from cv, a CSV with a path column, or one path per line. The checkpoint records which were left out.
         """
         super().__init__()
         self.save_hyperparameters()
         check_options(val_split, test_split, batch_size, image_size, min_crop_scale, folds, fold)
-        self.source = make_source(dataset, root, download, balance, folds)
+        self.source = make_source(dataset, root, download, balance, folds, exclude)
         self.dataset = dataset
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size = batch_size
@@ -131,6 +134,7 @@ class ImageDataModule(L.LightningDataModule):
         self.check_level = check
         self.balance = balance
         self.folds, self.fold = folds, fold
+        self.exclusion = Exclusion(exclude)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         # Images that failed to load and were left out of their batch, by split (data.check header/off).
         self.unreadable = Unreadable()
@@ -193,6 +197,13 @@ class ImageDataModule(L.LightningDataModule):
                     f"The {split} set is empty. Raise --data.{split}_split, add {self.root}/{split}/<class>/ "
                     "folders, or add images."
                 )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: which images `--data.exclude` left out of training and validation."""
+        return self.exclusion.record()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The record is for people; a resumed run excludes by its own --data.exclude."""
 
     def transform(self, split: str) -> Any:
         """The transform of a split's images: random crops and flips for train (`augment`), else

@@ -17,6 +17,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from tl_project.data.datasets import FolderDataset, ImageDataset, PredictDataset, TensorImageDataset
+from tl_project.data.exclude import image_key, without_excluded
 from tl_project.data.folders import folder_classes, folder_splits, predict_paths
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, fold_split, stratified_split
@@ -65,19 +66,28 @@ class NamedSource:
             download_named(self.name, self.root)
 
     def build(self, data: ImageDataModule, splits: list[str], stage: str) -> dict[str, Any]:
-        """All three splits at once (they are carved from the same arrays)."""
+        """All three splits at once (they are carved from the same arrays); `--data.exclude`
+        leaves its images out of the official train split before it is divided."""
         images, labels = read_named(self.name, self.root, train=True)
+        names = [f"{self.name}/train/{i}" for i in range(len(labels))]
+        pool = list(range(len(labels)))
+        if data.exclusion and data.exclusion.keys:
+            pool, dropped = without_excluded(names, data.exclusion.keys)
+            data.exclusion.note([names[i] for i in dropped], [int(labels[i]) for i in dropped], in_test=0)
+        pool_labels = labels[pool].tolist()
         if data.folds:
-            rest, val = fold_split(labels.tolist(), data.folds, data.fold, data.seed)
+            rest, val = fold_split(pool_labels, data.folds, data.fold, data.seed)
         else:
-            rest, val = stratified_split(labels.tolist(), [data.val_split], data.seed)
+            rest, val = stratified_split(pool_labels, [data.val_split], data.seed)
+        rest, val = [pool[i] for i in rest], [pool[i] for i in val]
         test_images, test_labels = read_named(self.name, self.root, train=False)
         eval_crop = CropSampler(data.image_size, train=False, preprocessing=data.preprocessing)
         train_crop = CropSampler(data.image_size, data.min_crop_scale) if data.augment else eval_crop
+        test_names = [f"{self.name}/test/{i}" for i in range(len(test_labels))]
         return {
-            "train": TensorImageDataset(images[rest], labels[rest], train_crop, data.seed),
-            "val": TensorImageDataset(images[val], labels[val], eval_crop),
-            "test": TensorImageDataset(test_images, test_labels, eval_crop),
+            "train": TensorImageDataset(images[rest], labels[rest], train_crop, data.seed, [names[i] for i in rest]),
+            "val": TensorImageDataset(images[val], labels[val], eval_crop, names=[names[i] for i in val]),
+            "test": TensorImageDataset(test_images, test_labels, eval_crop, names=test_names),
         }
 
 
@@ -96,10 +106,18 @@ class FolderSource:
     def prepare(self) -> None:
         pass
 
-    def splits(self, data: ImageDataModule) -> dict[str, list[tuple[Path, int]]]:
+    def splits(self, data: ImageDataModule, exclude: bool = True) -> dict[str, list[tuple[Path, int]]]:
         """(path, label) samples of train, val and test; with `folds`, train and val are the
-        cross-validation fold's."""
+        cross-validation fold's; without the images of `--data.exclude` in train and val."""
         splits = folder_splits(self.root, data.class_names, data.val_split, data.test_split, data.seed)
+        if exclude and data.exclusion and data.exclusion.keys:  # after the test split is carved: it stays
+            dropped: list[tuple[Path, int]] = []
+            for split in ("train", "val"):
+                kept, out = without_excluded([str(p) for p, _ in splits[split]], data.exclusion.keys)
+                dropped += [splits[split][i] for i in out]
+                splits[split] = [splits[split][i] for i in kept]
+            in_test = sum(image_key(p) in data.exclusion.keys for p, _ in splits["test"])
+            data.exclusion.note([str(p) for p, _ in dropped], [label for _, label in dropped], in_test)
         if data.folds:
             pool = splits["train"] + splits["val"]
             rest, val = fold_split([label for _, label in pool], data.folds, data.fold, data.seed)
@@ -110,7 +128,8 @@ class FolderSource:
         """The datasets of `splits`: the whole folder is listed (the split assignment needs it),
         and the splits of `STAGE_CHECKS` checked."""
         checked = [split for split in SPLITS if split in splits or split in STAGE_CHECKS[stage]]
-        samples = data.usable(self.splits(data), data.class_names, stage, self.root, only=checked)
+        chosen = self.splits(data, exclude=bool({"train", "val"} & set(splits)))
+        samples = data.usable(chosen, data.class_names, stage, self.root, only=checked)
         return {
             split: data.tolerant(FolderDataset(samples[split], data.transform(split), data.seed)) for split in splits
         }
@@ -119,13 +138,19 @@ class FolderSource:
 class ShardSource:
     """LitData shards (a local folder or a URL) and the record optimize wrote next to them."""
 
-    def __init__(self, root: str | None, balance: str, folds: int) -> None:
+    def __init__(self, root: str | None, balance: str, folds: int, exclude: str | None = None) -> None:
         if not root:
             raise UserError(f"--data.dataset {LITDATA} needs --data.root: the folder or URL optimize wrote.")
         if balance == "sampler":
             raise UserError("data.balance sampler needs random access; LitData shards stream: use data.balance loss.")
         if folds:
-            raise UserError("Cross-validation re-splits the images; LitData shards hold fixed splits: use the folder.")
+            raise UserError(
+                "Cross-validation (and its out-of-fold predictions) re-splits the images; LitData shards hold "
+                "fixed splits: run cv on the image folder."
+            )
+        if exclude:
+            raise UserError("--data.exclude leaves images out of the splits; LitData shards hold fixed splits: "
+                            "pass it to the image folder (and optimize again if you need shards).")  # fmt: skip
         self.root = root if is_url(root) else str(Path(root).expanduser())
         self.meta = read_meta(self.root)
 
@@ -170,10 +195,12 @@ def predict_folder(data: ImageDataModule) -> ImageDataset:
 Source = NamedSource | FolderSource | ShardSource
 
 
-def make_source(dataset: str | None, root: str | None, download: bool, balance: str, folds: int) -> Source:
+def make_source(
+    dataset: str | None, root: str | None, download: bool, balance: str, folds: int, exclude: str | None = None
+) -> Source:
     """The source `--data.dataset` names: a torchvision name, litdata, or null for a folder."""
     if dataset == LITDATA:
-        return ShardSource(root, balance, folds)
+        return ShardSource(root, balance, folds, exclude)
     path = Path(root).expanduser() if root is not None else None
     if dataset is None:
         return FolderSource(path)
