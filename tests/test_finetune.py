@@ -138,7 +138,7 @@ def test_feature_cache_is_rebuilt_for_each_fit(image_folder: Path, tmp_path: Pat
         batch = data.on_after_batch_transfer(next(iter(DataLoader(train, batch_size=len(train)))))
         with torch.no_grad():
             expected = model.backbone.eval()(batch[0].contiguous(memory_format=torch.channels_last))
-        features = model.features.features
+        features = model.features.get("train")
         assert features is not None and torch.allclose(features, expected, atol=1e-5)
 
 

@@ -1,6 +1,12 @@
-"""The feature cache (`model.cache_features`): with a frozen backbone and fixed training
-images, the backbone's features of every training image are computed once, before the first
-step, and the head trains on them; later epochs only look features up by dataset index."""
+"""The feature cache (`model.cache_features`): with a frozen backbone and fixed images, the
+backbone's features of every training and validation image are computed once, before the
+first step; the epochs then run the head alone, looking features up by dataset index.
+
+The features are also kept for the other fits of the same process, by the backbone's
+weights and the images' view, then by image (its path, or its name in a named dataset):
+`cv`'s folds share the pool of images, so across k folds each image goes through the
+backbone once instead of k times.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,25 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.utils.data import DataLoader, Subset
 
 from tl_project.errors import UserError
 
+# (backbone fingerprint, image view) -> image name -> feature (on the CPU).
+SHARED: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+
+
+def fingerprint(module: torch.nn.Module) -> tuple[int, float]:
+    """The same value for the same weights and statistics (their count and float64 sum)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() for t in tensors), float(sum(t.detach().double().sum() for t in tensors))
+
 
 class FeatureCache:
-    """The frozen backbone's features of the training images, by dataset index."""
+    """The frozen backbone's features of the training and validation images, by dataset index."""
 
     def __init__(self) -> None:
-        self.features: torch.Tensor | None = None
+        self.features: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def check(datamodule: Any) -> None:
@@ -28,11 +44,25 @@ class FeatureCache:
             )
 
     def fill(self, model: Any, datamodule: Any) -> None:
-        """One pass of `model.backbone` over every training image, in order (`feature_loader`):
-        shuffling and drop_last in later epochs cannot leave gaps."""
-        loader = datamodule.feature_loader()
+        """The features of every training and validation image (those already computed by an
+        earlier fit of this process with the same backbone and view are taken from there)."""
         model.train()  # Lightning may have restored saved module modes: the frozen backbone is in eval
-        self.features = torch.zeros(len(loader.dataset), model.head.in_features, device=model.device)
+        view = (fingerprint(model.backbone), datamodule.image_size, repr(datamodule.preprocessing))
+        store = SHARED.setdefault(view, {})
+        self.features = {}
+        for split in ("train", "val"):
+            dataset = datamodule.datasets.get(split)
+            if dataset is not None:
+                self.features[split] = self._split(model, datamodule, dataset, store).to(model.device)
+
+    def _split(self, model: Any, datamodule: Any, dataset: Any, store: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = [dataset.describe(i) for i in range(len(dataset))]
+        if names and names[0].startswith("#"):  # images without names cannot be found again
+            store = {}
+        missing = [i for i, name in enumerate(names) if name not in store]
+        loader = DataLoader(
+            Subset(dataset, missing), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers
+        )
         with torch.no_grad():
             for batch in loader:
                 batch = datamodule.on_before_batch_transfer(batch, 0)  # unreadable images out
@@ -40,11 +70,11 @@ class FeatureCache:
                 if model.hparams["channels_last"]:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with model.trainer.precision_plugin.forward_context():
-                    self.features[indices] = model.backbone(images).float()
+                    features = model.backbone(images).float().cpu()
+                store.update(zip((names[i] for i in indices.tolist()), features, strict=True))
+        empty = torch.zeros(model.head.in_features)  # an image that failed to load (never looked up)
+        return torch.stack([store.get(name, empty) for name in names]) if names else empty[None][:0]
 
-    def __bool__(self) -> bool:
-        return self.features is not None
-
-    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
-        assert self.features is not None
-        return self.features[indices]
+    def get(self, split: str) -> torch.Tensor | None:
+        """The cached features of `split`, or None (no cache, or another stage)."""
+        return self.features.get(split)

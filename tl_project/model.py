@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -232,8 +233,9 @@ class TransferLearningModel(L.LightningModule):
             seed = mix_seed(self.data_seed, self.current_epoch, batch_idx, self.global_rank)
             images, targets = self.mix(images, labels, seed)  # class probabilities
             labels = targets.argmax(dim=1)  # for the training accuracy: the larger share
-        if stage == "train" and self.features:
-            logits = self.head(self.features[indices].to(self.head.weight.dtype))
+        cached = self.features.get(stage)  # filled for fitting (cache_features): train and val
+        if cached is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            logits = self.head(cached[indices].to(self.head.weight.dtype))
         else:
             logits = self.evaluate(images) if stage == "test" else self(images)
         if stage == "train":
