@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tune",
     ),
     "cv": (
-        "Cross-validate: fit on k stratified folds (--cv.folds, --cv.test), mean ± std of the accuracy.",
+        "Cross-validate on k folds: mean ± std of the accuracy, out-of-fold predictions, suspect labels.",
         "cv",
     ),
     "optimize": (

@@ -10,6 +10,10 @@ chosen on the very images it is scored on, an estimate optimistic by constructio
 scores go into `runs/cv_N/cv.json` and a printed summary: per fold, then mean ± standard
 deviation. `--cv.folds` and `--cv.test` are options of the parser like fit's: in `--help`, in
 a config's `cv:` section, and from the environment (`TL_PROJECT_CV__CV__FOLDS=3`).
+
+Each fold's final model also predicts the fold's validation images, which it did not train
+on: `out_of_fold.csv`, and from it the label issues (`tl_project.labels`,
+`--cv.label_issues`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from tl_project.errors import UserError
+from tl_project.labels import OutOfFold, fold_predictions, write_label_issues, write_out_of_fold
 from tl_project.lightning_cli import TransferLearningCLI, launched, parser_settings
 from tl_project.runtime import say
 
@@ -53,31 +58,44 @@ class CrossValidationCLI(TransferLearningCLI):
             "--cv.folds", type=int, default=5, help="Folds: each validates once while the others train."
         )
         parser.add_argument("--cv.test", type=bool, default=False, help="Also test each fold's final model.")
+        parser.add_argument(
+            "--cv.label_issues",
+            type=bool,
+            default=True,
+            help="Rank suspect labels from the out-of-fold predictions (cleanlab): label_issues.csv and .png.",
+        )
 
     def instantiate_classes(self) -> None:
         """Nothing to build here: each fold is a fit of its own."""
 
 
 def run_cv(config: Namespace) -> None:
-    """Fit every fold of the parsed `config`, then summarise."""
+    """Fit every fold of the parsed `config`, then summarise; the out-of-fold predictions and
+    the label issues they show go beside the summary."""
     folds, test = config.cv.folds, config.cv.test
     if folds < 2:
         raise UserError(f"--cv.folds is {folds}; it must be an integer of at least 2.")
     folder = cv_folder(Path(config.trainer.default_root_dir or "runs"))
     try:
-        results = fit_folds(config, folds, test, folder)
+        results, oof = fit_folds(config, folds, test, folder)
     finally:
         os.environ.pop(CV_DIR_ENV, None)
-    if not results:  # not rank zero
+    if oof is None:  # not rank zero
         return
     summary = summarise(results)
+    write_out_of_fold(oof, folder / "out_of_fold.csv")
+    summary["out_of_fold"] = oof.accuracy()
+    if config.cv.label_issues:
+        summary["label_issues"] = write_label_issues(oof, folder)
     (folder / "cv.json").write_text(json.dumps({"folds": results, **summary}, indent=1) + "\n")
-    say(format_summary(results, summary) + f"\nWritten to {folder / 'cv.json'}")
+    say(format_summary(results, summary) + f"\nWritten to {folder / 'cv.json'} and {folder / 'out_of_fold.csv'}")
 
 
-def fit_folds(config: Namespace, folds: int, test: bool, folder: Path) -> list[dict[str, Any]]:
-    """Fit (and test) every fold; the results per fold, on rank zero (an empty list elsewhere)."""
+def fit_folds(config: Namespace, folds: int, test: bool, folder: Path) -> tuple[list[dict[str, Any]], OutOfFold | None]:
+    """Fit (and test) every fold, and predict its validation images with its final model; the
+    results per fold and the out-of-fold predictions, on rank zero (None elsewhere)."""
     results: list[dict[str, Any]] = []
+    oof: OutOfFold | None = None
     for fold in range(folds):
         fold_config = config.clone()
         for key in ("cv", "config", "__path__"):
@@ -91,11 +109,15 @@ def fit_folds(config: Namespace, folds: int, test: bool, folder: Path) -> list[d
         # The final model, whose choice did not look at this fold (the best epoch's would).
         score = trainer.callback_metrics["val/acc"]
         row: dict[str, Any] = {"fold": fold, "run": str(trainer.log_dir), "val_acc": float(score)}
+        rows = fold_predictions(cli.model, cli.datamodule, trainer)  # before test loads last.ckpt
+        if rows is not None:
+            oof = oof or OutOfFold(list(cli.datamodule.class_names))
+            oof.add(cli.datamodule.datasets["val"], rows)
         if test:
             trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last", weights_only=True)
             row["test_acc"] = float(trainer.callback_metrics["test/acc"])
         results.append(row)
-    return results if trainer.is_global_zero else []
+    return results, oof
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -117,6 +139,10 @@ def format_summary(results: list[dict[str, Any]], summary: dict[str, Any]) -> st
         if key in summary:
             mean, std = 100 * summary[key]["mean"], 100 * summary[key]["std"]
             lines.append(f"Mean {name} accuracy: {mean:.2f} ± {std:.2f} %")
+    if "out_of_fold" in summary:
+        oof = summary["out_of_fold"]
+        per_class = ", ".join(f"{k} {100 * v:.1f}" for k, v in oof["per_class"].items() if v is not None)
+        lines.append(f"Out-of-fold accuracy: {100 * oof['accuracy']:.2f} % of {oof['images']} images ({per_class})")
     return "\n".join(lines)
 
 

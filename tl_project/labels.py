@@ -1,0 +1,138 @@
+"""Wrong labels: out-of-fold predictions from `cv`, ranked label issues with cleanlab.
+
+Every training-and-validation image is validated by exactly one fold, whose model did not
+train on it: its predicted probabilities there are out-of-sample. `cv` collects them
+(`fold_predictions`) and writes, in `runs/cv_N/`:
+
+- `out_of_fold.csv`: path, given label, predicted label, the probability of every class;
+- `label_issues.csv`: the images confident learning flags (cleanlab's
+  `find_label_issues`), most suspect first, with `path, given, suggested, quality`
+  (cleanlab's label quality score: low is suspect);
+- `label_issues.png`: a grid of the top suspects, each with its given and suggested class.
+
+`--data.exclude label_issues.csv` then leaves them out of the next fit (`data/exclude.py`).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cleanlab.filter import find_label_issues as cleanlab_issues
+from cleanlab.rank import get_label_quality_scores
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+from tl_project.report import plot_image_grid
+from tl_project.runtime import gather_objects, say, warn
+
+GRID_IMAGES = 16
+
+
+@dataclass
+class OutOfFold:
+    """The out-of-fold predictions of all folds so far (on rank zero)."""
+
+    class_names: list[str]
+    names: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    probabilities: list[list[float]] = field(default_factory=list)
+    # Where each image can be loaded again, for the grid: (dataset, index).
+    sources: list[tuple[Any, int]] = field(default_factory=list)
+
+    def add(self, dataset: Any, rows: dict[int, list[float]]) -> None:
+        for index in sorted(rows):
+            self.names.append(dataset.describe(index))
+            self.labels.append(dataset.target(index))
+            self.probabilities.append(rows[index])
+            self.sources.append((dataset, index))
+
+    def accuracy(self) -> dict[str, Any]:
+        """Out-of-fold accuracy, overall and per class."""
+        predicted = np.asarray(self.probabilities).argmax(axis=1)
+        labels = np.asarray(self.labels)
+        per_class = {
+            name: float((predicted[labels == k] == k).mean()) if (labels == k).any() else None
+            for k, name in enumerate(self.class_names)
+        }
+        return {"accuracy": float((predicted == labels).mean()), "per_class": per_class, "images": len(labels)}
+
+
+@torch.no_grad()
+def fold_predictions(model: Any, datamodule: Any, trainer: Any) -> dict[int, list[float]] | None:
+    """The class probabilities of every validation image of this fold by `model` (its final
+    weights, which did not train on them), gathered from every process; None off rank zero."""
+    model.eval()
+    rows: dict[int, list[float]] = {}
+    for batch in datamodule.val_dataloader():
+        batch = datamodule.on_before_batch_transfer(batch, 0)  # unreadable images out
+        images, _, indices = datamodule.on_after_batch_transfer(move_data_to_device(batch, model.device), 0)
+        if not len(indices):
+            continue
+        with trainer.precision_plugin.forward_context():
+            probabilities = model.evaluate(images).float().softmax(dim=1)
+        rows.update(zip(indices.tolist(), probabilities.cpu().tolist(), strict=True))
+    merged = {index: row for part in gather_objects(rows) for index, row in part.items()}
+    return merged if trainer.is_global_zero else None
+
+
+def write_out_of_fold(oof: OutOfFold, path: Path) -> None:
+    names = oof.class_names
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "given", "predicted", *(f"prob_{name}" for name in names)])
+        for name, label, row in zip(oof.names, oof.labels, oof.probabilities, strict=True):
+            predicted = max(range(len(row)), key=row.__getitem__)
+            writer.writerow([name, names[label], names[predicted], *(f"{p:.6f}" for p in row)])
+
+
+def find_label_issues(oof: OutOfFold) -> list[tuple[int, int, float]]:
+    """(position, suggested class, quality) of the images cleanlab flags, most suspect first."""
+    labels = np.asarray(oof.labels)
+    probabilities = np.asarray(oof.probabilities, dtype=np.float64)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    ranked = cleanlab_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
+    quality = get_label_quality_scores(labels, probabilities)
+    return [(int(i), int(probabilities[i].argmax()), float(quality[i])) for i in ranked]
+
+
+def write_label_issues(oof: OutOfFold, folder: Path) -> dict[str, Any]:
+    """label_issues.csv and label_issues.png from the out-of-fold predictions; says how many."""
+    names = oof.class_names
+    present = sorted(set(oof.labels))
+    if len(present) < 2:
+        warn("Label issues need at least two classes with images: none ranked.")
+        return {"flagged": 0}
+    accuracy = oof.accuracy()["per_class"]
+    weak = [name for name, value in accuracy.items() if value is not None and value <= 1 / len(names)]
+    if weak:
+        warn(
+            "The out-of-fold model is no better than chance on " + ", ".join(weak) + ": confident learning "
+            "assumes it is, so the label issues of those classes are not to be trusted. Train longer or "
+            "on more images first."
+        )
+    issues = find_label_issues(oof)
+    with open(folder / "label_issues.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "given", "suggested", "quality"])
+        for position, suggested, quality in issues:
+            writer.writerow([oof.names[position], names[oof.labels[position]], names[suggested], f"{quality:.6f}"])
+    top = issues[:GRID_IMAGES]
+    plot_image_grid(
+        [
+            (oof.sources[i][0].load(oof.sources[i][1])[0], f"given: {names[oof.labels[i]]}\nsuggested: {names[s]} ({q:.2f})")
+            for i, s, q in top
+        ],
+        "Most suspect labels (out-of-fold, cleanlab)",
+        "No label issues found",
+        folder / "label_issues.png",
+    )  # fmt: skip
+    say(
+        f"Label issues: {len(issues)} of {len(oof.labels)} images flagged "
+        f"({folder / 'label_issues.csv'}, top {len(top)} in {folder / 'label_issues.png'}); "
+        f"review them, then leave them out with --data.exclude {folder / 'label_issues.csv'}"
+    )
+    return {"flagged": len(issues)}
