@@ -125,6 +125,29 @@ def test_feature_cache_computes_once_then_hits_and_trains_the_same(
     assert torch.equal(cached.head.weight, plain.head.weight)
 
 
+def test_feature_cache_covers_validation_and_is_shared_by_later_fits(image_folder: Path, tmp_path: Path) -> None:
+    """Training and validation images go through the backbone once per fit; a later fit with the
+    same backbone weights and images (cv's next fold) computes nothing again."""
+    import lightning as L
+
+    from tl_project import ImageDataModule, TransferLearningModel
+
+    def fit(model: TransferLearningModel) -> int:
+        calls: list[int] = []
+        model.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+        data = ImageDataModule(dataset=None, root=str(image_folder), image_size=32, batch_size=4, num_workers=0,
+                               augment=False)  # fmt: skip
+        quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+        L.Trainer(max_epochs=3, num_sanity_val_steps=0, default_root_dir=tmp_path, **quiet).fit(model, datamodule=data)
+        return sum(calls)
+
+    first = TransferLearningModel(3, backbone="resnet18", weights=None, finetune="head", cache_features=True)
+    assert fit(first) == 24 + 3  # 24 training and 3 validation images, once each, for 3 epochs
+    second = TransferLearningModel(3, backbone="resnet18", weights=None, finetune="head", cache_features=True)
+    second.backbone.load_state_dict(first.backbone.state_dict())
+    assert fit(second) == 0
+
+
 def test_feature_cache_is_rebuilt_for_each_fit(image_folder: Path, tmp_path: Path) -> None:
     """Nothing outlives a fit: other data or transforms (here the image size) get their own features."""
     from tl_project import TransferLearningModel

@@ -50,7 +50,8 @@ class FeatureCache:
         view = (fingerprint(model.backbone), datamodule.image_size, repr(datamodule.preprocessing))
         store = SHARED.setdefault(view, {})
         self.features = {}
-        for split in ("train", "val"):
+        validates = model.trainer.limit_val_batches != 0
+        for split in ("train", "val") if validates else ("train",):
             dataset = datamodule.datasets.get(split)
             if dataset is not None:
                 self.features[split] = self._split(model, datamodule, dataset, store).to(model.device)
