@@ -3,7 +3,6 @@ the end-of-fit summary, the divergence guard. (The test report's callback is in 
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tl_project.errors import UserError
-from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, gather_objects, say, small_batch_advice
+from tl_project.predictions import PredictionFile
+from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, say, small_batch_advice
 
 
 class Checkpoint(ModelCheckpoint):
@@ -70,21 +70,44 @@ class Checkpoint(ModelCheckpoint):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes `predictions.csv` in the run directory: path, prediction, probability, top-k.
+    """Streams the predictions to `output` (default: the run folder's `predictions.csv`) as
+    batches finish, and continues an interrupted run (`tl_project.predictions`).
 
-    Under DDP every process predicts part of the images (the sampler may repeat some
-    to even out the shares); rank 0 gathers all rows and writes each image once.
+    Under DDP every process predicts its share of the images still to do and writes its own
+    part; rank zero merges them, each image once, in the order of the images.
     """
 
     FILENAME = "predictions.csv"
 
-    def __init__(self) -> None:
+    def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="batch")
-        self.rows: dict[int, tuple[list[int], list[float]]] = {}
+        self.output = output
+        self.file: PredictionFile | None = None
         self.path: Path | None = None
 
-    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.rows = {}
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the loader is made: which images still need a row (all, unless continuing)."""
+        if stage != "predict":
+            return
+        datamodule: Any = trainer.datamodule  # type: ignore[attr-defined]
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
+        self.path = Path(self.output).expanduser() if self.output else Path(run_dir) / self.FILENAME
+        paths = datamodule.predict_paths
+        self.file = PredictionFile(self.path, paths, pl_module.class_names, trainer.global_rank)  # type: ignore[arg-type]
+        attempt, problem = 0, None
+        if trainer.is_global_zero:
+            try:
+                attempt = self.file.prepare()
+            except UserError as error:
+                problem = str(error)
+        attempt, problem = trainer.strategy.broadcast((attempt, problem))  # the others wait for rank 0's repairs
+        if problem:
+            raise UserError(problem)
+        done = self.file.done()
+        if done and trainer.is_global_zero:
+            say(f"Continuing {self.path}: {len(done)} of {len(paths)} images already predicted")
+        datamodule.predict_skip = done
+        self.file.open(attempt)
 
     def write_on_batch_end(
         self,
@@ -96,46 +119,19 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if prediction is None:  # a batch whose images all failed to load
+        if prediction is None or self.file is None:  # a batch whose images all failed to load
             return
-        for index, classes, probabilities in zip(
-            prediction["index"].tolist(),
-            prediction["top_classes"].tolist(),
-            prediction["top_probabilities"].tolist(),
-            strict=True,
-        ):
-            self.rows[index] = (classes, probabilities)
+        indices = prediction["index"].tolist()
+        self.file.write(indices, prediction["top_classes"].tolist(), prediction["top_probabilities"].tolist())
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = {index: row for part in gather_objects(self.rows) for index, row in part.items()}
-        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
+        assert self.file is not None
+        self.file.close()
+        trainer.strategy.barrier("parts written")
         if trainer.is_global_zero:
-            paths = trainer.datamodule.predict_paths  # type: ignore[attr-defined]
-            self.path = Path(run_dir) / self.FILENAME
-            write_predictions(self.path, rows, paths, pl_module.class_names)  # type: ignore[arg-type]
+            self.file.finish()
         # Every rank leaves together: none tears down the process group while rank 0 still writes.
         trainer.strategy.barrier("predictions written")
-
-
-def write_predictions(
-    path: Path, rows: dict[int, tuple[list[int], list[float]]], paths: list[Path], names: list[str]
-) -> None:
-    """predictions.csv: per image (by index) its path, prediction, probability, then the top-k; says where."""
-    k = len(next(iter(rows.values()))[0]) if rows else 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        header = ["path", "prediction", "probability"]
-        for rank in range(1, k + 1):
-            header += [f"top{rank}", f"top{rank}_probability"]
-        writer.writerow(header)
-        for index in sorted(rows):
-            classes, probabilities = rows[index]
-            line = [str(paths[index]), names[classes[0]], f"{probabilities[0]:.6f}"]
-            for c, p in zip(classes, probabilities, strict=True):
-                line += [names[c], f"{p:.6f}"]
-            writer.writerow(line)
-    say(f"Predictions for {len(rows)} images written to {path}")
 
 
 class FitSummary(Callback):

@@ -21,11 +21,11 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from tl_project.callbacks import write_predictions
 from tl_project.checkpoints import read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError
 from tl_project.model import TransferLearningModel
+from tl_project.predictions import PredictionFile
 from tl_project.runtime import say
 from tl_project.transforms import Preprocessing
 
@@ -141,8 +141,10 @@ def predict_onnx(
     num_workers: int = 0,
     on_bad_image: Literal["error", "skip"] = "error",
     default_root_dir: str = "runs",
+    output: str | None = None,
 ) -> Path:
-    """`predict` with an exported ONNX file: predictions.csv in a new run folder, as with a checkpoint."""
+    """`predict` with an exported ONNX file: predictions.csv in a new run folder (or `output`),
+    written as batches finish and continued after an interruption, as with a checkpoint."""
     model = OnnxClassifier(Path(ckpt_path))
     data = ImageDataModule(
         dataset=None,
@@ -156,14 +158,19 @@ def predict_onnx(
     )
     data.preprocessing = model.preprocessing
     data.setup("predict")
-    rows: dict[int, tuple[list[int], list[float]]] = {}
-    for batch in data.predict_dataloader():
-        images, _, indices = data.on_after_batch_transfer(data.on_before_batch_transfer(batch))
-        top = model.probabilities(images).topk(min(5, len(model.classes)), dim=1)
-        for index, classes, probabilities in zip(
-            indices.tolist(), top.indices.tolist(), top.values.tolist(), strict=True
-        ):
-            rows[index] = (classes, probabilities)
-    path = Path(CSVLogger(save_dir=default_root_dir, name="").log_dir) / "predictions.csv"
-    write_predictions(path, rows, data.predict_paths, model.classes)
+    path = Path(output) if output else Path(CSVLogger(save_dir=default_root_dir, name="").log_dir) / "predictions.csv"
+    file = PredictionFile(path, data.predict_paths, model.classes)
+    attempt = file.prepare()
+    data.predict_skip = file.done()
+    if data.predict_skip:
+        say(f"Continuing {path}: {len(data.predict_skip)} of {len(data.predict_paths)} images already predicted")
+    file.open(attempt)
+    try:
+        for batch in data.predict_dataloader():
+            images, _, indices = data.on_after_batch_transfer(data.on_before_batch_transfer(batch))
+            top = model.probabilities(images).topk(min(5, len(model.classes)), dim=1)
+            file.write(indices.tolist(), top.indices.tolist(), top.values.tolist())
+    finally:
+        file.close()
+    file.finish()
     return path

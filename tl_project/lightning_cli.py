@@ -125,9 +125,25 @@ class TransferLearningCLI(LightningCLI):
             }
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """A subcommand's parser; predict's has `--output` (commands/lightning.py names the command)."""
+        command = kwargs.pop("command", None)
+        parser = super().init_parser(**kwargs)
+        if command == "predict":
+            parser.add_argument(
+                "--output",
+                type=str | None,
+                default=None,
+                help="The predictions CSV, written as batches finish; run the same command again after an "
+                "interruption to continue it. Never overwritten. Default: predictions.csv in the run folder.",
+            )
+        return parser
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        if subcommand == "predict" and self.config.predict.get("return_predictions") is None:
+            self.config.predict.return_predictions = False  # the writer streams them: none kept in memory
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         root_dir = self.config[subcommand].trainer.default_root_dir or "runs"
@@ -175,7 +191,7 @@ class TransferLearningCLI(LightningCLI):
             if kwargs.get("logger", config.get("logger")):
                 callbacks.append(LearningRateMonitor())
         if self.subcommand == "predict":
-            callbacks.append(PredictionWriter())
+            callbacks.append(PredictionWriter(self.config["predict"].get("output")))
         if self.subcommand == "test":
             callbacks.append(TestReport())
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)

@@ -30,6 +30,9 @@ def main_predict_onnx(args: list[str], description: str) -> None:
         "--data.on_bad_image", type=Literal["error", "skip"], default="error", help="Unusable images: stop, or skip."
     )
     parser.add_argument("--trainer.default_root_dir", default="runs", help="Where runs/version_N/ goes.")
+    parser.add_argument(
+        "--output", help="The predictions CSV (continued after an interruption, never overwritten); default: the run's."
+    )
     config = parser.parse_args(args)
     predict_onnx(
         config.ckpt_path,
@@ -38,4 +41,5 @@ def main_predict_onnx(args: list[str], description: str) -> None:
         num_workers=config.data.num_workers,
         on_bad_image=config.data.on_bad_image,
         default_root_dir=config.trainer.default_root_dir,
+        output=config.output,
     )

@@ -19,6 +19,6 @@ def run(command: str, args: list[str], description: str, from_sys_argv: bool) ->
             main_predict_onnx(args, description)
         else:
             # Every option also from the environment: TL_PROJECT_FIT__TRAINER__MAX_EPOCHS=1 etc.
-            parser_kwargs: dict[str, Any] = {"prog": PROG, command: {"description": description}}
+            parser_kwargs: dict[str, Any] = {"prog": PROG, command: {"description": description, "command": command}}
             parser_kwargs |= {"default_env": True, "env_prefix": ENV_PREFIX}
             TransferLearningCLI(args=[command, *args], parser_kwargs=parser_kwargs)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from tl_project.data.checks import DataReport, Unreadable, check_images, usable
 from tl_project.data.datasets import ImageDataset, LabelsOnly, PredictDataset, split_sampler
@@ -144,6 +144,8 @@ class ImageDataModule(L.LightningDataModule):
         self.preprocessing = IMAGENET
         # Training batches without images (the model looks their features up): set by the model.
         self.train_labels_only = False
+        # Predict images that already have a row (a continued predict): set by the prediction writer.
+        self.predict_skip: set[int] = set()
 
     @property
     def num_workers(self) -> int:
@@ -264,7 +266,9 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if isinstance(self.source, ShardSource) and train:
             return self.source.train_loader(self, split, self._on_gpu)
-        dataset: ImageDataset | LabelsOnly = self.datasets[split]
+        dataset: Any = self.datasets[split]
+        if split == "predict" and self.predict_skip:
+            dataset = Subset(dataset, [i for i in range(len(dataset)) if i not in self.predict_skip])
         labels_only = train and self.train_labels_only
         if labels_only:
             dataset = LabelsOnly(self.datasets[split])  # same sampler and batches, no image read
