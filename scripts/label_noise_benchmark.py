@@ -100,6 +100,7 @@ def main_benchmark() -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the retrains (and of full cv)")
     parser.add_argument("--full", action="store_true", help="also cv with full fine-tuning (slow)")
     parser.add_argument("--full_noise", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--retrain_noise", type=float, nargs="+", help="noise levels of the retrains (default: all)")
     parser.add_argument("--source_per_class", type=int, default=1200)
     parser.add_argument("--pretrain_epochs", type=int, default=8)
     args = parser.parse_args()
@@ -122,7 +123,7 @@ def main_benchmark() -> None:
         )
 
     results: dict[str, Any] = {"setup": {k: str(v) for k, v in vars(args).items()}, "levels": {}}
-    clean_fits = {seed: retrain(f"clean-seed{seed}", clean, seed) for seed in args.seeds}
+    clean_fits: dict[int, dict[str, float]] = {}
     for level in args.noise:
         rows: dict[str, list[Any]] = {key: [] for key in ("fast", "full", "noisy", "excluded", "clean", "recovered")}
         for seed in args.seeds:
@@ -136,8 +137,14 @@ def main_benchmark() -> None:
                 found_full, seconds = cv_issues(f"cv-full-{level}-seed{seed}", noisy, args, full_extra)
                 rows["full"].append(precision_recall(found_full, flipped) | {"seconds": seconds})
             issues = args.out / "runs" / f"cv-fast-{level}-seed{seed}" / "cv_0" / "label_issues.csv"
+            if args.retrain_noise is not None and level not in args.retrain_noise:
+                results["levels"][str(level)] = rows
+                shutil.rmtree(noisy)
+                continue
             noisy_fit = retrain(f"noisy-{level}-seed{seed}", noisy, seed)
             excluded_fit = retrain(f"excluded-{level}-seed{seed}", noisy, seed, "--data.exclude", str(issues))
+            if seed not in clean_fits:
+                clean_fits[seed] = retrain(f"clean-seed{seed}", clean, seed)
             accuracies = (noisy_fit["test_accuracy"], excluded_fit["test_accuracy"], clean_fits[seed]["test_accuracy"])
             rows["noisy"].append(accuracies[0])
             rows["excluded"].append(accuracies[1])
@@ -159,7 +166,8 @@ def main_benchmark() -> None:
                     f"recall {r['mean']:.2f} ± {r['std']:.2f}, {t['mean']:.0f} s"
                 )
         for key in ("noisy", "excluded", "clean"):
-            print(line(f"noise {level} fit {key}", rows[key]))
+            if rows[key]:
+                print(line(f"noise {level} fit {key}", rows[key]))
         recovered = [v for v in rows["recovered"] if v is not None]
         if recovered:
             print(f"  noise {level}: share of the lost accuracy recovered {summary(recovered)['mean']:.2f}")
