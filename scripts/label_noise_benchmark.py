@@ -54,8 +54,8 @@ def flip_labels(clean: Path, noisy: Path, fraction: float, seed: int) -> set[str
     return flipped
 
 
-def cv_issues(name: str, root: Path, args: argparse.Namespace, extra: list[str]) -> tuple[set[str], float]:
-    """`cv` on `root`; the paths label_issues.csv flags, and the wall time."""
+def cv_issues(name: str, root: Path, args: argparse.Namespace, extra: list[str]) -> tuple[list[str], float]:
+    """`cv` on `root`; the paths label_issues.csv flags (most suspect first), and the wall time."""
     runs = args.out / "runs" / name
     start = time.perf_counter()
     main(
@@ -71,15 +71,18 @@ def cv_issues(name: str, root: Path, args: argparse.Namespace, extra: list[str])
     )
     seconds = time.perf_counter() - start
     with open(runs / "cv_0" / "label_issues.csv", newline="") as f:
-        return {row["path"] for row in csv.DictReader(f)}, seconds
+        return [row["path"] for row in csv.DictReader(f)], seconds
 
 
-def precision_recall(found: set[str], flipped: set[str]) -> dict[str, float]:
-    hits = len(found & flipped)
+def precision_recall(ranked: list[str], flipped: set[str]) -> dict[str, float]:
+    """Of the flagged set, and of its top k (k = the number flipped: what a reviewer reads first)."""
+    hits = len(set(ranked) & flipped)
+    top = ranked[: len(flipped)]
     return {
-        "precision": hits / len(found) if found else 0.0,
+        "precision": hits / len(ranked) if ranked else 0.0,
         "recall": hits / len(flipped) if flipped else 1.0,
-        "flagged": len(found),
+        "precision_at_k": len(set(top) & flipped) / len(top) if top else 0.0,
+        "flagged": len(ranked),
         "flipped": len(flipped),
     }
 
@@ -160,10 +163,12 @@ def main_benchmark() -> None:
             if rows[path]:
                 p = summary([r["precision"] for r in rows[path]])
                 r = summary([r["recall"] for r in rows[path]])
+                k = summary([r["precision_at_k"] for r in rows[path]])
                 t = summary([r["seconds"] for r in rows[path]])
                 print(
                     f"  noise {level} cv {path}: precision {p['mean']:.2f} ± {p['std']:.2f}, "
-                    f"recall {r['mean']:.2f} ± {r['std']:.2f}, {t['mean']:.0f} s"
+                    f"recall {r['mean']:.2f} ± {r['std']:.2f}, precision of the top k {k['mean']:.2f}, "
+                    f"{t['mean']:.0f} s"
                 )
         for key in ("noisy", "excluded", "clean"):
             if rows[key]:
