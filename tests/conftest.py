@@ -12,7 +12,9 @@ a test's result must not. Tests of the precision choice remove that setting
 
 from __future__ import annotations
 
+import shutil
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,17 @@ def make_image_folder(root: Path, classes: dict[str, tuple[int, int, int]], per_
             pixels = np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_temporary_folders(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[None]:
+    """After a run without failures nothing stays in /tmp: the module fixtures' folders (checkpoints,
+    exports, 900-image folders) too, which the failed-only retention of tmp_path keeps."""
+    yield
+    if request.session.testsfailed == 0:
+        shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
 
 
 @pytest.fixture
