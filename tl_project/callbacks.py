@@ -103,11 +103,7 @@ class PredictionWriter(BasePredictionWriter):
         attempt, problem = trainer.strategy.broadcast((attempt, problem))  # the others wait for rank 0's repairs
         if problem:
             raise UserError(problem)
-        done = self.file.done()
-        if done and trainer.is_global_zero:
-            say(f"Continuing {self.path}: {len(done)} of {len(paths)} images already predicted")
-        datamodule.predict_skip = done
-        self.file.open(attempt)
+        datamodule.predict_skip = self.file.begin(attempt)
 
     def write_on_batch_end(
         self,

@@ -160,11 +160,7 @@ def predict_onnx(
     data.setup("predict")
     path = Path(output) if output else Path(CSVLogger(save_dir=default_root_dir, name="").log_dir) / "predictions.csv"
     file = PredictionFile(path, data.predict_paths, model.classes)
-    attempt = file.prepare()
-    data.predict_skip = file.done()
-    if data.predict_skip:
-        say(f"Continuing {path}: {len(data.predict_skip)} of {len(data.predict_paths)} images already predicted")
-    file.open(attempt)
+    data.predict_skip = file.begin(file.prepare())
     try:
         for batch in data.predict_dataloader():
             images, _, indices = data.on_after_batch_transfer(data.on_before_batch_transfer(batch))

@@ -96,6 +96,15 @@ class PredictionFile:
                 seen = index
                 yield index, line
 
+    def begin(self, attempt: int) -> set[int]:
+        """Opens this process's part of `attempt` (after `prepare`); the indices that already have
+        a row, said on rank zero when there are any."""
+        done = self.done()
+        if done and self.rank == 0:
+            say(f"Continuing {self.path}: {len(done)} of {len(self.paths)} images already predicted")
+        self.open(attempt)
+        return done
+
     def open(self, attempt: int) -> None:
         part = self.path.parent / f"{self.path.name}.part{attempt:03d}-{self.rank:03d}"
         self.handle = open(part, "a", newline="")  # noqa: SIM115 (closed by finish)
