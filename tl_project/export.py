@@ -23,6 +23,7 @@ from torch import nn
 
 from tl_project.checkpoints import read_checkpoint
 from tl_project.data import ImageDataModule
+from tl_project.data.module import device_batches
 from tl_project.errors import UserError
 from tl_project.model import TransferLearningModel
 from tl_project.predictions import PredictionFile
@@ -162,8 +163,7 @@ def predict_onnx(
     file = PredictionFile(path, data.predict_paths, model.classes)
     data.predict_skip = file.begin(file.prepare())
     try:
-        for batch in data.predict_dataloader():
-            images, _, indices = data.on_after_batch_transfer(data.on_before_batch_transfer(batch))
+        for images, _, indices in device_batches(data, data.predict_dataloader(), torch.device("cpu")):
             top = model.probabilities(images).topk(min(5, len(model.classes)), dim=1)
             file.write(indices.tolist(), top.indices.tolist(), top.values.tolist())
     finally:

@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch.utils.data import DataLoader, Subset
 
+from tl_project.data.module import device_batches
 from tl_project.errors import UserError
 
 # (backbone fingerprint, image view) -> image name -> feature (on the CPU).
@@ -54,20 +53,19 @@ class FeatureCache:
         for split in ("train", "val") if validates else ("train",):
             dataset = datamodule.datasets.get(split)
             if dataset is not None:
-                self.features[split] = self._split(model, datamodule, dataset, store).to(model.device)
+                self.features[split] = self._split(model, datamodule, split, dataset, store).to(model.device)
 
-    def _split(self, model: Any, datamodule: Any, dataset: Any, store: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _split(
+        self, model: Any, datamodule: Any, split: str, dataset: Any, store: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         names = [dataset.describe(i) for i in range(len(dataset))]
         if names and names[0].startswith("#"):  # images without names cannot be found again
             store = {}
         missing = [i for i, name in enumerate(names) if name not in store]
-        loader = DataLoader(
-            Subset(dataset, missing), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers
-        )
         with torch.no_grad():
-            for batch in loader:
-                batch = datamodule.on_before_batch_transfer(batch, 0)  # unreadable images out
-                images, _, indices = datamodule.on_after_batch_transfer(move_data_to_device(batch, model.device))
+            for images, _, indices in device_batches(
+                datamodule, datamodule.feature_loader(split, missing), model.device
+            ):
                 if model.hparams["channels_last"]:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with model.trainer.precision_plugin.forward_context():

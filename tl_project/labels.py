@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from cleanlab.filter import find_label_issues as cleanlab_issues
 from cleanlab.rank import get_label_quality_scores
-from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from tl_project.data.module import device_batches
 from tl_project.report import plot_image_grid
 from tl_project.runtime import gather_objects, say, warn
 
@@ -67,11 +67,7 @@ def fold_predictions(model: Any, datamodule: Any, trainer: Any) -> dict[int, lis
     weights, which did not train on them), gathered from every process; None off rank zero."""
     model.eval()
     rows: dict[int, list[float]] = {}
-    for batch in datamodule.val_dataloader():
-        batch = datamodule.on_before_batch_transfer(batch, 0)  # unreadable images out
-        images, _, indices = datamodule.on_after_batch_transfer(move_data_to_device(batch, model.device), 0)
-        if not len(indices):
-            continue
+    for images, _, indices in device_batches(datamodule, datamodule.val_dataloader(), model.device):
         with trainer.precision_plugin.forward_context():
             probabilities = model.evaluate(images).float().softmax(dim=1)
         rows.update(zip(indices.tolist(), probabilities.cpu().tolist(), strict=True))

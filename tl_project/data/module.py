@@ -21,11 +21,13 @@ its weights), taken in `setup()` from the Trainer's model.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Subset
 
@@ -309,10 +311,11 @@ class ImageDataModule(L.LightningDataModule):
             return resized_crops(images, params[0], self.image_size, self.preprocessing), targets, indices
         return normalize(images, self.preprocessing), targets, indices
 
-    def feature_loader(self) -> DataLoader:
-        """Every training image once, in index order, in its training view (unshuffled): what
-        the feature cache (`model.cache_features`) computes the frozen backbone's features of."""
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, num_workers=self.num_workers)
+    def feature_loader(self, split: str, indices: Sequence[int]) -> DataLoader:
+        """The items `indices` of `split` once, in that order, in the split's view (unshuffled):
+        what the feature cache (`model.cache_features`) computes the frozen backbone's features of."""
+        subset = Subset(self.datasets[split], list(indices))
+        return DataLoader(subset, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -325,3 +328,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
+
+
+def device_batches(data: Any, loader: Iterable[Any], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(images, targets, indices) of `loader`'s batches, prepared on `device` by `data`'s hooks as
+    the Trainer prepares them (`on_before_batch_transfer`, then `on_after_batch_transfer`), for
+    code that iterates a loader itself; batches whose images all failed to load are left out."""
+    for batch in loader:
+        batch = data.on_before_batch_transfer(batch, 0)  # unreadable images out
+        prepared = data.on_after_batch_transfer(move_data_to_device(batch, device), 0)
+        if len(prepared[2]):
+            yield prepared
