@@ -288,7 +288,7 @@ def main() -> None:
         results["loader alone: JPEG folder, naive (ImageFolder + PIL + ToTensor)"] = loader_rate(
             forever(naive_loader(naive_folder), to_device)
         )
-        samples = [(path, int(path.parent.name)) for path in list_images(Path(folder))]
+        samples = [(path, int(Path(path).parent.name)) for path in list_images(Path(folder))]
         our_folder = FolderDataset(samples, train_transform(args.image_size))
         results["loader alone: JPEG folder, ours (decode_image + v2 on uint8)"] = loader_rate(
             forever(naive_loader(our_folder), ours)

@@ -36,9 +36,9 @@ def test_each_kind_of_problem_is_found_with_its_path(tmp_path: Path) -> None:
     root = _messy_folder(tmp_path / "images")
     data = _data(root)
     report = data.check(data.folder_splits(), data.class_names)
-    problems = {(f.kind, f.path.name) for f in report.problems}
+    problems = {(f.kind, Path(f.path).name) for f in report.problems}
     assert problems == {("empty", "zero.png"), ("unreadable", "notes.jpg"), ("unreadable", "truncated.png")}
-    warnings = {(f.kind, f.path.name) for f in report.warnings}
+    warnings = {(f.kind, Path(f.path).name) for f in report.warnings}
     assert ("extension", "really_png.jpg") in warnings
     assert {"duplicate", "leakage"} & {kind for kind, name in warnings if "001" in name}
     assert sum(sum(c.values()) for c in report.counts.values()) == 23
@@ -52,7 +52,7 @@ def test_leakage_across_split_folders(tmp_path: Path) -> None:
     data = _data(tmp_path)
     report = data.check(data.folder_splits(), data.class_names)
     [leak] = [f for f in report.warnings if f.kind == "leakage"]
-    assert leak.path.name == "seen_before.png" and "002.png" in leak.detail
+    assert Path(leak.path).name == "seen_before.png" and "002.png" in leak.detail
     assert "Class imbalance" in report.format(data.class_names)
 
 
@@ -95,7 +95,7 @@ def test_skip_policy_leaves_them_out_and_says_which(tmp_path: Path, capfd: pytes
     data.setup("fit")
     data.setup("test")
     used = {p for split in ("train", "val", "test") for p, _ in data.datasets[split].samples}  # type: ignore[attr-defined]
-    assert len(used) == 20 and not {"zero.png", "notes.jpg", "truncated.png"} & {p.name for p in used}
+    assert len(used) == 20 and not {"zero.png", "notes.jpg", "truncated.png"} & {Path(p).name for p in used}
     err = capfd.readouterr().err
     assert "Skipping 3 unusable images" in err and "truncated.png" in err
 
@@ -110,7 +110,7 @@ def test_bad_images_to_predict(tmp_path: Path) -> None:
         _data(photos, predict_dir=str(photos)).setup("predict")
     data = _data(photos, predict_dir=str(photos), on_bad_image="skip")
     data.setup("predict")
-    assert [p.name for p in data.predict_paths] == ["000.png", "001.png"]
+    assert [Path(p).name for p in data.predict_paths] == ["000.png", "001.png"]
 
 
 # --- the check command ---
@@ -141,7 +141,7 @@ def test_header_check_reads_headers_only(tmp_path: Path, monkeypatch: pytest.Mon
     report = data.check(data.folder_splits(), data.class_names)
     assert decoded == []
     # Empty and non-image files show in the header; a truncated image does not.
-    assert {(f.kind, f.path.name) for f in report.problems} == {("empty", "zero.png"), ("unreadable", "notes.jpg")}
+    assert {(f.kind, Path(f.path).name) for f in report.problems} == {("empty", "zero.png"), ("unreadable", "notes.jpg")}
     assert {f.kind for f in report.warnings} == {"extension"}  # no content hashes: no duplicates
     assert "Headers only" in report.format(data.class_names)
 

@@ -97,7 +97,7 @@ def test_image_that_breaks_after_the_check_still_names_its_file(image_folder: Pa
     data = ImageDataModule(dataset=None, root=str(image_folder), image_size=32, num_workers=1, val_split=0.5)
     data.setup("fit")
     (image_folder / "cat" / "000.png").write_bytes(b"gone bad since")
-    data.datasets["train"].samples.insert(0, (image_folder / "cat" / "000.png", 0))  # type: ignore[attr-defined]
+    data.datasets["train"].samples.insert(0, (str(image_folder / "cat" / "000.png"), 0))  # type: ignore[attr-defined]
     with pytest.raises(UserError) as raised:
         list(data.val_dataloader()) + list(data.train_dataloader())
     assert user_message(raised.value).startswith(f"Cannot decode image {image_folder / 'cat' / '000.png'}")

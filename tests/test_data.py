@@ -164,7 +164,7 @@ def test_predict_dir_is_searched_recursively(image_folder: Path) -> None:
     assert len(data.predict_paths) == 30
     single = _folder_module(image_folder, predict_dir=str(image_folder / "dog" / "003.png"))
     single.setup("predict")
-    assert single.predict_paths == [image_folder / "dog" / "003.png"]
+    assert single.predict_paths == [str(image_folder / "dog" / "003.png")]
 
 
 # --- bad input ---

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -24,8 +25,8 @@ def looked_at(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The paths the check looks at (in this process), in order."""
     seen: list[Path] = []
 
-    def recording(path: Path, level: str = "full", max_pixels: int = 89_478_485) -> checks.Inspection:
-        seen.append(path)
+    def recording(path: str | Path, level: str = "full", max_pixels: int = 89_478_485) -> checks.Inspection:
+        seen.append(Path(path))
         return inspect_file(path, level, max_pixels)
 
     monkeypatch.setattr(checks, "inspect_file", recording)
@@ -69,23 +70,23 @@ def test_the_manifest_lives_in_the_cache_folder_not_the_data(tmp_path: Path) -> 
         _data(root, cache_dir=str(tmp_path / "cache")).setup("fit")
     finally:
         os.chmod(root, 0o755)
-    [manifest] = (tmp_path / "cache" / "checks").glob("*.json")
-    assert str(root) in manifest.read_text()
-    assert not [p for p in root.rglob("*") if p.suffix == ".json"]
+    [manifest] = (tmp_path / "cache" / "checks").glob("*.sqlite")
+    assert str(root).encode() in manifest.read_bytes()
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == sorted([f"{i:03d}.png" for i in range(10)] * 3)
 
 
 def test_test_checks_only_the_test_split(tmp_path: Path, looked_at: list[Path]) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
     data = _data(root)
     data.setup("test")
-    assert sorted(looked_at) == sorted(p for p, _ in data.datasets["test"].samples)  # type: ignore[attr-defined]
+    assert sorted(looked_at) == sorted(Path(p) for p, _ in data.datasets["test"].samples)  # type: ignore[attr-defined]
     assert set(data.datasets) == {"test"}
 
 
 def test_a_raised_pixel_limit_rechecks_the_refused_images(tmp_path: Path, looked_at: list[Path]) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=3)
     manifest = Manifest(root)
-    splits = {"train": [(p, 0) for p in sorted(root.rglob("*.png"))]}
+    splits = {"train": [(str(p), 0) for p in sorted(root.rglob("*.png"))]}
     assert len(check_images(splits, ["x"], max_pixels=100, manifest=manifest).problems) == 9
     looked_at.clear()
     assert not check_images(splits, ["x"], max_pixels=10**6, manifest=Manifest(root)).problems
@@ -98,15 +99,34 @@ def test_a_raised_pixel_limit_rechecks_the_refused_images(tmp_path: Path, looked
 def test_an_unreadable_manifest_is_rebuilt_with_a_warning(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
     _data(root).setup("fit")
-    Manifest(root).file.write_text("{not json")
+    Manifest(root).file.write_text("not a database")
     _data(root).setup("fit")
     assert "manifest" in capfd.readouterr().err and len(Manifest(root).rows) == 30
+
+
+def test_same_size_new_time_is_looked_at_and_old_manifests_are_replaced(tmp_path: Path, looked_at: list[Path]) -> None:
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
+    earlier = Manifest(root).file.with_suffix(".json")  # what an earlier version wrote
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"version": 2, "files": {}}')
+    _data(root).setup("fit")
+    assert not earlier.exists()
+    looked_at.clear()
+    touched = root / "dog" / "004.png"
+    os.utime(touched, ns=(0, touched.stat().st_mtime_ns + 1))  # same bytes, another time: looked at
+    _data(root).setup("fit")
+    assert looked_at == [touched]
+    with sqlite3.connect(Manifest(root).file) as connection:  # a manifest of another version is not trusted
+        connection.execute("UPDATE meta SET value = '0' WHERE key = 'version'")
+    looked_at.clear()
+    _data(root).setup("fit")
+    assert len(looked_at) == 30 and len(Manifest(root).rows) == 30
 
 
 def test_worker_processes_find_what_one_process_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=4)
     (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    paths = sorted(root.rglob("*.png"))
+    paths = sorted(map(str, root.rglob("*.png")))
     monkeypatch.setattr(checks, "PARALLEL_FROM", 1)
     assert inspect_files(paths, "full", 10**8, workers=2) == [inspect_file(p) for p in paths]
 

@@ -26,19 +26,19 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from tl_project.data.images import EXTENSION_FORMATS
-from tl_project.data.manifest import Manifest, file_key
+from tl_project.data.manifest import Manifest
 from tl_project.errors import UserError
 from tl_project.runtime import gather_objects, rank_and_world, warn
 
@@ -51,7 +51,7 @@ class Finding:
     """One thing found about one image (or a pair, for duplicates)."""
 
     kind: str
-    path: Path
+    path: str
     detail: str
 
     def __str__(self) -> str:
@@ -68,7 +68,7 @@ class DataReport:
     level: str = "full"
 
     @property
-    def bad_paths(self) -> set[Path]:
+    def bad_paths(self) -> set[str]:
         return {f.path for f in self.problems}
 
     def format(self, class_names: Sequence[str]) -> str:
@@ -96,11 +96,11 @@ class DataReport:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class Inspection:
+class Inspection(NamedTuple):
     """What one look at one file found: the problem (None when usable) and its detail, the
     size and format from the header, the content hash (full checks only), and whether the
-    format is another than the file's extension promises (judged once, when looked at)."""
+    format is another than the file's extension promises (judged once, when looked at).
+    A tuple: the manifest keeps it as its row's last fields, and a million are made quickly."""
 
     problem: str | None = None
     detail: str = ""
@@ -110,7 +110,7 @@ class Inspection:
     digest: str | None = None
     wrong_extension: str = ""
 
-    def findings(self, path: Path, max_pixels: int) -> tuple[Finding | None, Finding | None]:
+    def findings(self, path: str, max_pixels: int) -> tuple[Finding | None, Finding | None]:
         """(problem or None, warning or None) of the file at `path` under the pixel limit."""
         if self.problem:
             return Finding(self.problem, path, self.detail), None
@@ -126,10 +126,11 @@ class Inspection:
         return self.problem == "too large" and self.width * self.height <= max_pixels
 
 
-def inspect_file(path: Path, level: str = "full", max_pixels: int = 89_478_485) -> Inspection:
+def inspect_file(path: str | Path, level: str = "full", max_pixels: int = 89_478_485) -> Inspection:
     """Look at `path` once: its header (`header`), or decode it and hash its bytes (`full`).
 
     An image over `max_pixels` is refused from its header, never decoded."""
+    path = Path(path)
     try:
         data = path.read_bytes() if level == "full" else b""
         if (len(data) if level == "full" else path.stat().st_size) == 0:
@@ -157,7 +158,7 @@ def inspect_file(path: Path, level: str = "full", max_pixels: int = 89_478_485) 
 PARALLEL_FROM = 256
 
 
-def inspect_files(paths: Sequence[Path], level: str, max_pixels: int, workers: int = 1) -> list[Inspection]:
+def inspect_files(paths: Sequence[str], level: str, max_pixels: int, workers: int = 1) -> list[Inspection]:
     """`inspect_file` of every path, in order: under DDP each process takes its share and the
     results are gathered (all processes must call this, with the same paths); within a
     process, `workers` worker processes share it."""
@@ -176,7 +177,7 @@ def inspect_files(paths: Sequence[Path], level: str, max_pixels: int, workers: i
 
 
 def check_images(
-    splits: Mapping[str, Sequence[tuple[Path, int]]],
+    splits: Mapping[str, Sequence[tuple[str, int]]],
     class_names: Sequence[str],
     max_pixels: int,
     level: str = "full",
@@ -191,35 +192,34 @@ def check_images(
     still reveal leakage into the checked ones."""
     checked = [split for split in splits if only is None or split in only]
     listed = [path for samples in splits.values() for path, _ in samples]
-    keys = {path: file_key(path) for path in listed} if manifest else {}
-    known: dict[Path, Inspection] = {}
+    known: dict[str, Inspection] = {}
     if manifest:
-        for path in listed:
-            row = manifest.lookup(path, keys[path], level)
-            if row is not None and not (saved := Inspection(*row)).stale(max_pixels):
-                known[path] = saved
+        saved, keys = manifest.known(listed, level)
+        known = {
+            path: inspection for path, row in saved.items() if not (inspection := Inspection(*row)).stale(max_pixels)
+        }
     todo = sorted({path for split in checked for path, _ in splits[split] if path not in known})
     found = dict(zip(todo, inspect_files(todo, level, max_pixels, workers), strict=True))
     if manifest:
         for path, inspection in found.items():
-            manifest.record(path, keys[path], level, astuple(inspection))
+            manifest.record(path, keys[path], level, inspection)
         if rank_and_world()[0] == 0:
-            manifest.save(listed)
+            manifest.save()
     known |= found
 
     report = DataReport(level=level)
     # Content seen so far: the unchecked splits' known hashes first, for leakage.
-    seen: dict[str, tuple[str, Path]] = {}
+    seen: dict[str, tuple[str, str]] = {}
     for split in splits:
         if split not in checked:
             for path, _ in splits[split]:
                 digest = known[path].digest if path in known else None
                 if digest:
                     seen.setdefault(digest, (split, path))
-    counts: dict[str, dict[str, int]] = {split: defaultdict(int) for split in checked}
     for split in checked:
-        for path, label in splits[split]:
-            counts[split][class_names[label]] += 1
+        labels = Counter(label for _, label in splits[split])
+        report.counts[split] = {class_names[label]: labels[label] for label in sorted(labels)}
+        for path, _ in splits[split]:
             problem, warning = known[path].findings(path, max_pixels)
             if problem:
                 report.problems.append(problem)
@@ -236,7 +236,6 @@ def check_images(
             else:
                 first_split, first = seen[digest]
                 report.warnings.append(Finding("leakage", path, f"({split}) same content as {first} ({first_split})"))
-    report.counts = {split: dict(c) for split, c in counts.items()}
     return report
 
 
@@ -245,8 +244,8 @@ UNDONE = {"fit": "trained", "validate": "validated", "test": "tested", "predict"
 
 
 def usable(
-    splits: dict[str, list[tuple[Path, int]]], report: DataReport, policy: str, stage: str
-) -> dict[str, list[tuple[Path, int]]]:
+    splits: dict[str, list[tuple[str, int]]], report: DataReport, policy: str, stage: str
+) -> dict[str, list[tuple[str, int]]]:
     """`splits` without the unusable images of `report`, by the policy (data.on_bad_image): `error`
     stops on any, listing all; `skip` leaves them out and says which. Warnings are counted."""
     if report.problems and policy == "error":
@@ -278,7 +277,7 @@ def unreadable_summary(datasets: Mapping[str, Any], skipped: Mapping[str, set[in
     for split, indices in sorted(skipped.items()):
         for index in sorted(indices):
             path = datasets[split].describe(index)
-            lines.append(f"  {split}: {path}: {inspect_file(Path(path)).detail}")
+            lines.append(f"  {split}: {path}: {inspect_file(path).detail}")
     return (
         f"Left out {len(lines)} image{'s' if len(lines) > 1 else ''} that could not be loaded (--data.check {level}); "
         "remove or replace them, or check them with python -m tl_project check:\n" + "\n".join(lines)

@@ -5,7 +5,6 @@ sampler whose `(epoch, index)` items make augmentation reproducible.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +69,7 @@ class ImageDataset(Dataset):
 class FolderDataset(ImageDataset):
     """(image, label) pairs from image files; labels are class indices."""
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable, seed: int = 0) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, seed: int = 0) -> None:
         super().__init__(transform, seed)
         self.samples = list(samples)
 
@@ -91,7 +90,7 @@ class FolderDataset(ImageDataset):
 class PredictDataset(ImageDataset):
     """Unlabelled images (target -1); the index finds the path again."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
+    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
         super().__init__(transform)
         self.paths = list(paths)
 

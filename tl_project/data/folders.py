@@ -15,7 +15,7 @@ from tl_project.data.splits import SPLITS, stratified_split
 from tl_project.errors import UserError
 
 # (path, label) samples by split.
-Splits = dict[str, list[tuple[Path, int]]]
+Splits = dict[str, list[tuple[str, int]]]
 
 
 def split_dirs(root: Path | None) -> dict[str, Path]:
@@ -41,7 +41,7 @@ def folder_classes(root: Path | None) -> list[str]:
     return names
 
 
-def folder_samples(folder: Path, class_names: list[str], is_train: bool) -> list[tuple[Path, int]]:
+def folder_samples(folder: Path, class_names: list[str], is_train: bool) -> list[tuple[str, int]]:
     """(path, label) of every image under `folder/<class>/`; train must have images in every class."""
     known = set(class_names)
     extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in known and p.name[0] != ".")
@@ -78,7 +78,7 @@ def folder_splits(root: Path | None, class_names: list[str], val_split: float, t
     return samples
 
 
-def predict_paths(predict_dir: str | None) -> list[Path]:
+def predict_paths(predict_dir: str | None) -> list[str]:
     """The images to predict: `predict_dir` searched recursively, or one image file."""
     if predict_dir is None:
         raise UserError("predict needs images: pass --data.predict_dir DIR (or one image file).")
@@ -86,7 +86,7 @@ def predict_paths(predict_dir: str | None) -> list[Path]:
     if target.is_file():
         if not is_image_file(target):
             raise UserError(f"{target} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        return [target]
+        return [str(target)]
     if not target.is_dir():
         raise UserError(f"predict_dir {target} does not exist. Pass an existing folder or image file.")
     paths = list_images(target)

@@ -221,7 +221,7 @@ class ImageDataModule(L.LightningDataModule):
         dataset.skip_unreadable = self.check_level != "full"
         return dataset
 
-    def folder_splits(self) -> dict[str, list[tuple[Path, int]]]:
+    def folder_splits(self) -> Splits:
         """(path, label) samples of train, val and test from the image folder; with `folds`,
         train and val are the cross-validation fold's."""
         if not isinstance(self.source, FolderSource):
@@ -230,7 +230,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def check(
         self,
-        splits: dict[str, list[tuple[Path, int]]],
+        splits: Splits,
         class_names: list[str],
         base: Path | None = None,
         only: list[str] | None = None,
@@ -255,7 +255,7 @@ class ImageDataModule(L.LightningDataModule):
         return usable(splits, report, self.on_bad_image, stage) if report else splits
 
     @property
-    def predict_paths(self) -> list[Path]:
+    def predict_paths(self) -> list[str]:
         """The image paths of the predict set, in dataset-index order."""
         if isinstance(self.source, ShardSource):
             return self.source.predict_paths

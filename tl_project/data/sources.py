@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from tl_project.data.datasets import FolderDataset, ImageDataset, PredictDataset, TensorImageDataset
 from tl_project.data.exclude import image_key, without_excluded
-from tl_project.data.folders import folder_classes, folder_splits, predict_paths
+from tl_project.data.folders import Splits, folder_classes, folder_splits, predict_paths
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, fold_split, stratified_split
 from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, is_url, read_meta, shard_loader, shard_split
@@ -106,18 +106,18 @@ class FolderSource:
     def prepare(self) -> None:
         pass
 
-    def splits(self, data: ImageDataModule, exclude: bool = True) -> dict[str, list[tuple[Path, int]]]:
+    def splits(self, data: ImageDataModule, exclude: bool = True) -> Splits:
         """(path, label) samples of train, val and test; with `folds`, train and val are the
         cross-validation fold's; without the images of `--data.exclude` in train and val."""
         splits = folder_splits(self.root, data.class_names, data.val_split, data.test_split, data.seed)
         if exclude and data.exclusion and data.exclusion.keys:  # after the test split is carved: it stays
-            dropped: list[tuple[Path, int]] = []
+            dropped: list[tuple[str, int]] = []
             for split in ("train", "val"):
-                kept, out = without_excluded([str(p) for p, _ in splits[split]], data.exclusion.keys)
+                kept, out = without_excluded([p for p, _ in splits[split]], data.exclusion.keys)
                 dropped += [splits[split][i] for i in out]
                 splits[split] = [splits[split][i] for i in kept]
             in_test = sum(image_key(p) in data.exclusion.keys for p, _ in splits["test"])
-            data.exclusion.note([str(p) for p, _ in dropped], [label for _, label in dropped], in_test)
+            data.exclusion.note([p for p, _ in dropped], [label for _, label in dropped], in_test)
         if data.folds:
             pool = splits["train"] + splits["val"]
             rest, val = fold_split([label for _, label in pool], data.folds, data.fold, data.seed)
@@ -168,8 +168,8 @@ class ShardSource:
         return [int(counts.get(name, 0)) for name in class_names]
 
     @property
-    def predict_paths(self) -> list[Path]:
-        return [Path(p) for p in self.meta["predict_paths"]]
+    def predict_paths(self) -> list[str]:
+        return list(self.meta["predict_paths"])
 
     def train_loader(self, data: ImageDataModule, split: str, pin_memory: bool) -> DataLoader:
         if data.train_labels_only:

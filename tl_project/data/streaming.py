@@ -67,7 +67,7 @@ def _item(job: tuple[str, int, int, str]) -> dict[str, Any]:
 
 
 def write_shards(
-    splits: Mapping[str, Sequence[tuple[Path, int]]],
+    splits: Mapping[str, Sequence[tuple[str, int]]],
     class_names: Sequence[str],
     output: str,
     base: Path | None,
@@ -110,11 +110,9 @@ def write_shards(
     return sizes
 
 
-def _relative(path: Path, base: Path | None) -> str:
-    try:
-        return str(path.relative_to(base)) if base is not None else str(path)
-    except ValueError:
-        return str(path)
+def _relative(path: str, base: Path | None) -> str:
+    prefix = os.path.join(str(base), "") if base is not None else ""
+    return path[len(prefix) :] if prefix and path.startswith(prefix) else path
 
 
 def _write_text(location: str, text: str) -> None:
