@@ -295,8 +295,8 @@ def test_help_lists_every_command_under_its_real_name(capfd: pytest.CaptureFixtu
     assert exit_code(["--help"]) == 0
     out = capfd.readouterr().out
     assert out.startswith("usage: python -m tl_project COMMAND")
-    for command in ("fit", "validate", "test", "predict", "check", "export"):
-        assert re.search(rf"^  {command} +\S", out, re.M), command
+    for command in ("fit", "validate", "test", "predict", "check", "export", "tune", "cv", "optimize", "serve"):
+        assert re.search(rf"^  {command} +\S.*\n +runs on: \S", out, re.M), command  # and where it runs
     assert exit_code(["fit", "--help"]) == 0
     assert "usage: python -m tl_project" in capfd.readouterr().out
     assert exit_code(["fti"]) == 2

@@ -1,7 +1,7 @@
 """The command line: `python -m tl_project {fit,validate,test,predict,check,export,tune,cv,optimize,serve}`.
 
-`COMMANDS` is the table of commands: each one's one-line description (shown by `--help`)
-and the module that runs it, imported only when the command runs, so that the table
+`COMMANDS` is the table of commands: each one's one-line description and where it runs
+(shown by `--help`), and the module that runs it, imported only when the command runs, so that the table
 prints at once (Lightning alone takes seconds to import). `main` dispatches, and prints a
 `UserError` as one line on stderr with exit status 2.
 """
@@ -11,35 +11,58 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from tl_project.errors import PROG, UserError, user_message
 
-# Every command: its one-line description (shown by --help) and the module of tl_project.commands
-# whose `run(command, args, description, from_sys_argv)` runs it.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("Fine-tune the model on the data; checkpoints and logs go to runs/version_N/.", "lightning"),
-    "validate": ("Evaluate a checkpoint on the validation set.", "lightning"),
-    "test": ("Evaluate a checkpoint on the test set: the accuracy line and the test report.", "lightning"),
-    "predict": ("Classify new images with a checkpoint or an exported .onnx file: predictions.csv.", "lightning"),
-    "check": (
+
+class Command(NamedTuple):
+    """A command of the table: what it does (shown by --help), where it runs, and the module of
+    tl_project.commands whose `run(command, args, description, from_sys_argv)` runs it."""
+
+    description: str
+    runs_on: str
+    module: str
+
+
+TRAINER = "CPU, a GPU, or several (--trainer.devices N: DDP)"
+COMMANDS: dict[str, Command] = {
+    "fit": Command(
+        "Fine-tune the model on the data; checkpoints and logs go to runs/version_N/.", TRAINER, "lightning"
+    ),
+    "validate": Command("Evaluate a checkpoint on the validation set.", TRAINER, "lightning"),
+    "test": Command(
+        "Evaluate a checkpoint on the test set: the accuracy line and the test report.", TRAINER, "lightning"
+    ),
+    "predict": Command(
+        "Classify new images with a checkpoint or an exported .onnx file: predictions.csv, resumable.",
+        f"{TRAINER}; an .onnx file on the CPU (ONNX Runtime)",
+        "lightning",
+    ),
+    "check": Command(
         "Check an image folder: unusable images, wrong extensions, duplicates, leakage, class counts.",
+        "every core of this machine (worker processes)",
         "check",
     ),
-    "export": ("Export a checkpoint to ONNX or TorchScript, checked against PyTorch.", "export"),
-    "tune": (
+    "export": Command("Export a checkpoint to ONNX or TorchScript, checked against PyTorch.", "the CPU", "export"),
+    "tune": Command(
         "Find a learning rate (range test: lr_find.png, tuned.yaml) and the largest batch, with fit's options.",
+        f"as fit: {TRAINER}; --tune.batch_size on one device",
         "tune",
     ),
-    "cv": (
+    "cv": Command(
         "Cross-validate on k folds: mean ± std of the accuracy, out-of-fold predictions, suspect labels.",
+        f"one fold after another, each as fit: {TRAINER}",
         "cv",
     ),
-    "optimize": (
+    "optimize": Command(
         "Write an image folder's splits as LitData shards, to stream from disk or object storage.",
+        "every core of this machine (worker processes)",
         "optimize",
     ),
-    "serve": (
+    "serve": Command(
         "Serve a checkpoint or .onnx file over HTTP: POST /predict, an upload page, dynamic batching.",
+        "the CPU or the GPUs (--accelerator, --devices; LitServe worker processes)",
         "serve",
     ),
 }
@@ -48,7 +71,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"usage: {PROG} COMMAND [options]   ({PROG} COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {description}" for name, (description, _) in COMMANDS.items()]
+    for name, command in COMMANDS.items():
+        lines += [f"  {name:<{width}}  {command.description}", f"  {'':<{width}}  runs on: {command.runs_on}"]
     return "\n".join(lines)
 
 
@@ -64,7 +88,7 @@ def main(args: Sequence[str] | None = None) -> None:
             command, rest = "--print_shtab", argv
         elif command not in COMMANDS:
             raise UserError(f"Unknown command {command!r}.\n{usage()}")
-        description, module = COMMANDS.get(command, ("", "lightning"))
+        description, _, module = COMMANDS.get(command, Command("", "", "lightning"))
         importlib.import_module(f"tl_project.commands.{module}").run(command, rest, description, args is None)
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
