@@ -19,6 +19,12 @@ its LitData shards (written by `optimize` first, timed too), in images/s:
 
     python scripts/data_benchmark.py loader --images 20000 --size 400 350 --workers 2
 
+`predict`: `predict --output FILE` of a tiny checkpoint (ResNet-18, random init, 32 px) over
+each folder, with the wall time, the peak memory and the rows written: the memory of a
+streaming predict should not grow with the number of images.
+
+    python scripts/data_benchmark.py predict --images 10000 100000 --check off --workers 2
+
 The folders are generated once under --workdir (JPEG, quality 90, 4 classes) and reused.
 Files just written are in the page cache: the first check is not slowed by the disk here.
 """
@@ -102,6 +108,7 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
         row: dict[str, object] = {"images": count, "size": args.size, "check": args.check}
         row["first fit"] = run(fit, env)
         print(f"  {count:>7} images, first fit: {json.dumps(row['first fit'])}", flush=True)
+        row["manifest_mib"] = round(sum(f.stat().st_size for f in cache.rglob("checks/*")) / 2**20, 2)
         best = sorted(runs.glob("version_*/checkpoints/last.ckpt"))[-1]
         test = [sys.executable, "-m", "tl_project", "test", "--ckpt_path", str(best), "--data.root", str(folder)]
         test += ["--trainer.limit_test_batches", "1", *common]
@@ -157,9 +164,40 @@ def loader(args: argparse.Namespace) -> list[dict[str, object]]:
     return results
 
 
+def predict(args: argparse.Namespace) -> list[dict[str, object]]:
+    """`predict --output` over each folder size: wall time, peak memory, rows written."""
+    results = []
+    env = {**os.environ, "XDG_CACHE_HOME": str(args.workdir / "cache-predict"), "PYTHONWARNINGS": "ignore"}
+    runs = args.workdir / "runs-predict"
+    shutil.rmtree(runs, ignore_errors=True)
+    small = make_folder(args.workdir, 200, *args.size)
+    fit = [sys.executable, "-m", "tl_project", "fit", "--model.backbone", "resnet18", "--model.weights", "null"]
+    fit += ["--data.dataset", "null", "--data.root", str(small), "--data.image_size", "32", "--data.batch_size", "16"]
+    fit += ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(runs)]
+    run(fit, env)
+    checkpoint = next(runs.glob("version_*/checkpoints/last.ckpt"))
+    for count in args.images:
+        folder = make_folder(args.workdir, count, *args.size)
+        out = args.workdir / f"predictions-{count}.csv"
+        for stale in args.workdir.glob(f"predictions-{count}.csv*"):
+            stale.unlink()
+        command = [sys.executable, "-m", "tl_project", "predict", "--ckpt_path", str(checkpoint), "--output", str(out)]
+        command += ["--data.predict_dir", str(folder), "--data.batch_size", str(args.batch_size)]
+        command += ["--data.num_workers", str(args.workers), "--data.check", args.check]
+        command += ["--trainer.enable_progress_bar", "false"]
+        row: dict[str, object] = {"images": count, "check": args.check, "batch_size": args.batch_size}
+        row |= run(command, env)
+        with out.open() as written:
+            row["rows"] = sum(1 for _ in written) - 1
+        print(f"  {json.dumps(row)}", flush=True)
+        results.append(row)
+        out.unlink()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["check", "loader"])
+    parser.add_argument("what", choices=["check", "loader", "predict"])
     parser.add_argument("--images", type=int, nargs="+", default=[200, 100_000])
     parser.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--check", default="full", choices=["full", "header", "off"])
@@ -172,7 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     print(f"Machine: {platform.processor() or platform.machine()}, {cores} usable cores")
-    results = check(args) if args.what == "check" else loader(args)
+    results = {"check": check, "loader": loader, "predict": predict}[args.what](args)
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

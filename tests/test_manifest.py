@@ -152,3 +152,22 @@ def test_ddp_processes_share_the_check_and_all_get_every_result(tmp_path: Path) 
     assert not shares[0] & shares[1] and shares[0] | shares[1] == {str(p) for p in paths}
     expected = "\n".join(str(inspect_file(p).problem) for p in paths)
     assert (tmp_path / "rank0-problems.txt").read_text() == expected == (tmp_path / "rank1-problems.txt").read_text()
+
+
+def test_an_unchanged_folder_is_answered_by_its_saved_report(tmp_path: Path, looked_at: list[Path]) -> None:
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=4)
+    shutil.copy(root / "dog" / "000.png", root / "cat" / "copy.png")  # a duplicate: a warning to keep
+    splits = {"train": [(str(p), 0) for p in sorted(root.rglob("*.png"))]}
+    first = check_images(splits, ["x"], max_pixels=10**6, manifest=Manifest(root))
+    assert [w.kind for w in first.warnings] == ["duplicate"]
+    looked_at.clear()
+    manifest = Manifest(root)
+    assert check_images(splits, ["x"], max_pixels=10**6, manifest=manifest) == first
+    assert "rows" not in vars(manifest) and looked_at == []  # not one row read
+    assert check_images(splits, ["x"], max_pixels=100, manifest=Manifest(root)) != first  # other settings
+    touched = root / "fish" / "001.png"
+    os.utime(touched, ns=(0, touched.stat().st_mtime_ns + 1))
+    looked_at.clear()
+    manifest = Manifest(root)
+    assert check_images(splits, ["x"], max_pixels=10**6, manifest=manifest) == first
+    assert "rows" in vars(manifest) and looked_at == [touched]  # the changed file, looked at again

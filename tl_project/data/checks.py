@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+from array import array
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,7 +40,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from tl_project.data.images import EXTENSION_FORMATS
-from tl_project.data.manifest import Manifest
+from tl_project.data.manifest import Manifest, file_key
 from tl_project.errors import UserError
 from tl_project.runtime import gather_objects, rank_and_world, warn
 
@@ -70,6 +72,16 @@ class DataReport:
     @property
     def bad_paths(self) -> set[str]:
         return {f.path for f in self.problems}
+
+    def to_json(self) -> str:
+        findings = {kind: [astuple(f) for f in getattr(self, kind)] for kind in ("problems", "warnings")}
+        return json.dumps({**findings, "counts": self.counts, "level": self.level})
+
+    @classmethod
+    def from_json(cls, text: str) -> DataReport:
+        saved = json.loads(text)
+        problems, warnings = ([Finding(*f) for f in saved[kind]] for kind in ("problems", "warnings"))
+        return cls(problems, warnings, saved["counts"], saved["level"])
 
     def format(self, class_names: Sequence[str]) -> str:
         """The report as text: counts table, imbalance, problems, warnings."""
@@ -189,12 +201,18 @@ def check_images(
 
     With a `manifest`, files it knows unchanged are not looked at again, and it is
     saved with what was found (by rank zero); the other splits' known content hashes
-    still reveal leakage into the checked ones."""
+    still reveal leakage into the checked ones. When nothing changed since a report of
+    the same splits and settings was saved, that report is the answer."""
     checked = [split for split in splits if only is None or split in only]
-    listed = [path for samples in splits.values() for path, _ in samples]
     known: dict[str, Inspection] = {}
     if manifest:
-        saved, keys = manifest.known(listed, level)
+        keys = {path: file_key(path) for samples in splits.values() for path, _ in samples}  # a stat per file
+        fingerprint = report_fingerprint(splits, class_names, checked, keys, level, max_pixels)
+        saved_report = manifest.report(fingerprint)
+        if all(gather_objects(saved_report is not None)):  # every process takes the same way
+            assert saved_report is not None
+            return DataReport.from_json(saved_report)
+        saved = manifest.known(keys, level)
         known = {
             path: inspection for path, row in saved.items() if not (inspection := Inspection(*row)).stale(max_pixels)
         }
@@ -203,9 +221,40 @@ def check_images(
     if manifest:
         for path, inspection in found.items():
             manifest.record(path, keys[path], level, inspection)
-        if rank_and_world()[0] == 0:
-            manifest.save()
     known |= found
+    report = make_report(splits, class_names, checked, known, level, max_pixels)
+    if manifest and rank_and_world()[0] == 0:
+        manifest.save(fingerprint, report.to_json())
+    return report
+
+
+def report_fingerprint(
+    splits: Mapping[str, Sequence[tuple[str, int]]],
+    class_names: Sequence[str],
+    checked: Sequence[str],
+    keys: Mapping[str, tuple[int, int]],
+    level: str,
+    max_pixels: int,
+) -> str:
+    """What a report is made from, hashed: the settings, and every file's split, label, path and `file_key`."""
+    digest = hashlib.sha256(json.dumps([list(class_names), list(checked), level, max_pixels]).encode())
+    for split, samples in splits.items():  # whole arrays at a time: this runs over every file
+        paths = [path for path, _ in samples]
+        digest.update(f"\0{split}\0".encode() + "\0".join(paths).encode())
+        digest.update(array("q", [label for _, label in samples]).tobytes())
+        digest.update(array("q", [value for path in paths for value in keys[path]]).tobytes())
+    return digest.hexdigest()
+
+
+def make_report(
+    splits: Mapping[str, Sequence[tuple[str, int]]],
+    class_names: Sequence[str],
+    checked: Sequence[str],
+    known: Mapping[str, Inspection],
+    level: str,
+    max_pixels: int,
+) -> DataReport:
+    """The report of the `checked` splits from what is `known` about their files (and the others')."""
 
     report = DataReport(level=level)
     # Content seen so far: the unchecked splits' known hashes first, for leakage.

@@ -8,6 +8,7 @@ by its path relative to the folder. A row is reused while the file keeps its siz
 modification time (to the nanosecond) and was checked at least as thoroughly as now
 asked; a changed or added file is checked again, and rows of removed files are dropped
 when the manifest is saved. Saving writes only the rows that changed, in one transaction.
+A command on an unchanged folder finds its whole report saved and reads no row.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import closing
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from tl_project.runtime import warn
 
-VERSION = 3  # rows: name, size, mtime, level, then `checks.Inspection`'s fields
+VERSION = 3  # files: name, size, mtime, level, then `checks.Inspection`'s fields; reports
 # How thoroughly a file was checked: a full decode also answers what the header answers.
 LEVELS = {"header": 1, "full": 2}
 # `checks.Inspection`'s fields, in order.
@@ -42,7 +45,14 @@ def file_key(path: str | Path) -> tuple[int, int]:
 
 
 class Manifest:
-    """Check results of the files under `base`, read from and saved to `file`."""
+    """Check results of the files under `base`, read from and saved to `file`.
+
+    Besides a row per file it keeps the last few reports, each under the fingerprint of
+    what it was made from (every listed file's name, split, label, size and modification
+    time, and the check's settings): a command that finds its fingerprint there reads
+    nothing else. Any change to the rows drops the reports."""
+
+    REPORTS_KEPT = 8
 
     def __init__(self, base: Path, cache_dir: Path | None = None) -> None:
         self.base = base.resolve()
@@ -50,64 +60,77 @@ class Manifest:
         self.prefix = os.path.join(str(base), "")
         name = hashlib.sha256(str(self.base).encode()).hexdigest()[:16]
         self.file = (cache_dir or default_cache_dir()) / "checks" / f"{name}.sqlite"
-        self.rows: dict[str, tuple[Any, ...]] = self._read()  # name -> (size, mtime, level, *result)
+        self.valid = self._valid()
         self.recorded: dict[str, tuple[Any, ...]] = {}
-        self.listed: set[str] = set(self.rows)  # the folder's files now, by name (see `known`)
+        self.listed: set[str] | None = None  # the folder's files now, by name (see `known`)
 
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.file, timeout=60)
-        connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        connection.execute(f"CREATE TABLE IF NOT EXISTS files ({', '.join(COLUMNS)}, PRIMARY KEY (name)) WITHOUT ROWID")
-        return connection
+    def _open(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.file}?mode=ro", uri=True, timeout=60)
 
-    def _read(self) -> dict[str, tuple[Any, ...]]:
+    def _valid(self) -> bool:
+        """Whether `file` is a manifest of this version for `base`; one that is not is removed."""
         if not self.file.is_file():
-            return {}
+            return False
         try:
-            with closing(sqlite3.connect(f"file:{self.file}?mode=ro", uri=True, timeout=60)) as connection:
+            with closing(self._open()) as connection:
                 meta = dict(connection.execute("SELECT key, value FROM meta"))
-                stale = meta != {"version": str(VERSION), "base": str(self.base)}
-                if not stale:
-                    return {row[0]: row[1:] for row in connection.execute(f"SELECT {', '.join(COLUMNS)} FROM files")}
+                if meta == {"version": str(VERSION), "base": str(self.base)}:
+                    return True
         except sqlite3.Error as error:
             warn(f"The data check's manifest {self.file} is unreadable ({error}); every image is checked again.")
         self.file.unlink(missing_ok=True)  # another version's or unreadable: start again
-        return {}
+        return False
+
+    @cached_property
+    def rows(self) -> dict[str, tuple[Any, ...]]:
+        """name -> (size, mtime, level, *result), read when first needed."""
+        if not self.valid:
+            return {}
+        with closing(self._open()) as connection:
+            return {row[0]: row[1:] for row in connection.execute(f"SELECT {', '.join(COLUMNS)} FROM files")}
+
+    def report(self, fingerprint: str) -> str | None:
+        """The report saved under `fingerprint`, if any (as saved: a string)."""
+        if not self.valid:
+            return None
+        try:
+            with closing(self._open()) as connection:
+                found = connection.execute(
+                    "SELECT report FROM reports WHERE fingerprint = ?", (fingerprint,)
+                ).fetchone()
+        except sqlite3.Error:
+            return None
+        return found[0] if found else None
 
     def relative(self, path: str | Path) -> str:
         """The name of `path` in the manifest: relative to `base`."""
         name = os.fspath(path)
         return name[len(self.prefix) :] if name.startswith(self.prefix) else os.path.relpath(name, self.base)
 
-    def known(self, paths: Iterable[str], level: str) -> tuple[dict[str, Sequence[Any]], dict[str, tuple[int, int]]]:
-        """The saved results of the unchanged files among `paths` that were checked at `level` or
-        better, and the key (`file_key`) of every path. `paths` are the folder's images now: `save`
-        keeps their rows only. One loop: it runs once per file."""
+    def known(self, keys: dict[str, tuple[int, int]], level: str) -> dict[str, Sequence[Any]]:
+        """The saved results of the unchanged files among `keys` (path -> `file_key`, every file of
+        the folder now: `save` keeps their rows only) that were checked at `level` or better. One
+        loop: it runs once per file."""
         rows, prefix, start, least = self.rows, self.prefix, len(self.prefix), LEVELS[level]
         saved: dict[str, Sequence[Any]] = {}
-        keys: dict[str, tuple[int, int]] = {}
         listed = self.listed = set()
-        for path in paths:
-            stat = os.stat(path)
-            key = keys[path] = (stat.st_size, stat.st_mtime_ns)
+        for path, key in keys.items():
             name = path[start:] if path.startswith(prefix) else self.relative(path)
             listed.add(name)
             row = rows.get(name)
             if row is not None and row[0] == key[0] and row[1] == key[1] and LEVELS[row[2]] >= least:
                 saved[path] = row[3:]
-        return saved, keys
+        return saved
 
     def record(self, path: str, key: tuple[int, int], level: str, result: Iterable[Any]) -> None:
         """What the check found in the file at `path` (with its `file_key`), at `level`."""
         name = self.relative(path)
         self.rows[name] = self.recorded[name] = (*key, level, *result)
 
-    def save(self) -> None:
-        """Write the recorded rows and delete those of files no longer listed (see `known`), in one
-        transaction; warn if it cannot."""
-        removed = self.rows.keys() - self.listed
-        if not self.recorded and not removed and self.file.is_file():
-            return  # nothing new, nothing removed
+    def save(self, fingerprint: str, report: str) -> None:
+        """Write the recorded rows, delete those of files no longer listed (see `known`) and keep
+        `report` under `fingerprint`, in one transaction; warn if it cannot."""
+        removed = self.rows.keys() - self.listed if self.listed is not None else set()
         self.file.with_suffix(".json").unlink(missing_ok=True)  # an earlier version's manifest
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -116,10 +139,20 @@ class Manifest:
                 connection.executemany(
                     "INSERT INTO meta VALUES (?, ?)", [("version", str(VERSION)), ("base", str(self.base))]
                 )
+                if self.recorded or removed:  # the saved reports are of other rows
+                    connection.execute("DELETE FROM reports")
                 connection.executemany("DELETE FROM files WHERE name = ?", ((name,) for name in removed))
                 connection.executemany(
                     f"INSERT OR REPLACE INTO files VALUES ({', '.join('?' * len(COLUMNS))})",
                     ((name, *row) for name, row in self.recorded.items()),
+                )
+                connection.execute(
+                    "INSERT OR REPLACE INTO reports VALUES (?, ?, ?)", (fingerprint, report, time.time())
+                )
+                connection.execute(
+                    "DELETE FROM reports WHERE fingerprint NOT IN "
+                    "(SELECT fingerprint FROM reports ORDER BY saved DESC LIMIT ?)",
+                    (self.REPORTS_KEPT,),
                 )
         except (OSError, sqlite3.Error) as error:
             warn(
@@ -130,3 +163,11 @@ class Manifest:
         for name in removed:
             del self.rows[name]
         self.recorded = {}
+        self.valid = True
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.file, timeout=60)
+        connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        connection.execute(f"CREATE TABLE IF NOT EXISTS files ({', '.join(COLUMNS)}, PRIMARY KEY (name)) WITHOUT ROWID")
+        connection.execute("CREATE TABLE IF NOT EXISTS reports (fingerprint TEXT PRIMARY KEY, report TEXT, saved REAL)")
+        return connection
