@@ -141,7 +141,10 @@ def test_header_check_reads_headers_only(tmp_path: Path, monkeypatch: pytest.Mon
     report = data.check(data.folder_splits(), data.class_names)
     assert decoded == []
     # Empty and non-image files show in the header; a truncated image does not.
-    assert {(f.kind, Path(f.path).name) for f in report.problems} == {("empty", "zero.png"), ("unreadable", "notes.jpg")}
+    assert {(f.kind, Path(f.path).name) for f in report.problems} == {
+        ("empty", "zero.png"),
+        ("unreadable", "notes.jpg"),
+    }
     assert {f.kind for f in report.warnings} == {"extension"}  # no content hashes: no duplicates
     assert "Headers only" in report.format(data.class_names)
 
