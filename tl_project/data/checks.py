@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from array import array
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -40,7 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from tl_project.data.images import EXTENSION_FORMATS
-from tl_project.data.manifest import Manifest, file_key
+from tl_project.data.manifest import Manifest
 from tl_project.errors import UserError
 from tl_project.runtime import gather_objects, rank_and_world, warn
 
@@ -206,7 +207,10 @@ def check_images(
     checked = [split for split in splits if only is None or split in only]
     known: dict[str, Inspection] = {}
     if manifest:
-        keys = {path: file_key(path) for samples in splits.values() for path, _ in samples}  # a stat per file
+        stat = os.stat  # as `manifest.file_key`, inline: this runs once per file
+        keys = {
+            path: ((st := stat(path)).st_size, st.st_mtime_ns) for samples in splits.values() for path, _ in samples
+        }
         fingerprint = report_fingerprint(splits, class_names, checked, keys, level, max_pixels)
         saved_report = manifest.report(fingerprint)
         if all(gather_objects(saved_report is not None)):  # every process takes the same way
@@ -315,7 +319,8 @@ def usable(
         )
     if notes:
         warn("\n".join(notes))
-    bad = report.bad_paths
+    if not (bad := report.bad_paths):
+        return splits
     return {split: [(p, label) for p, label in samples if p not in bad] for split, samples in splits.items()}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +49,24 @@ def list_images(folder: Path) -> list[str]:
     found: list[str] = []
 
     def walk(directory: str) -> None:
+        names: list[str] = []
+        folders: set[str] = set()
         with os.scandir(directory) as scan:
-            entries = sorted(scan, key=attrgetter("name"))
-        for entry in entries:
-            if entry.name[0] == ".":
-                continue
-            if entry.is_dir():
-                walk(entry.path)
-            elif entry.name.lower().endswith(EXTENSION_TUPLE) and entry.is_file():
-                found.append(entry.path)
+            for entry in scan:
+                name = entry.name
+                if name[0] == ".":
+                    continue
+                if entry.is_dir():
+                    folders.add(name)
+                    names.append(name)
+                elif name.lower().endswith(EXTENSION_TUPLE) and entry.is_file():
+                    names.append(name)
+        prefix = os.path.join(directory, "")
+        for name in sorted(names):  # strings sort fastest
+            if name in folders:
+                walk(prefix + name)
+            else:
+                found.append(prefix + name)
 
     walk(str(folder))
     return found
