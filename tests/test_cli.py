@@ -57,7 +57,7 @@ def test_checkpoint_holds_plain_hyperparameters_of_model_and_data(trained: dict[
     checkpoint = torch.load(trained["best"], weights_only=True)  # plain types only, or this fails
     model_hp, data_hp = checkpoint["hyper_parameters"], checkpoint["datamodule_hyper_parameters"]
     assert model_hp["class_names"] == ["cat", "dog", "fish"] and model_hp["num_classes"] == 3
-    assert model_hp["backbone"] == "resnet50"
+    assert model_hp["backbone"] == "resnet18"
     assert data_hp["root"] == str(trained["root"]) and data_hp["image_size"] == 32
 
 
@@ -202,7 +202,7 @@ def test_test_on_data_with_other_classes_names_both_lists(
 
 def test_weights_from_an_earlier_run_with_other_classes(trained: dict[str, Path], tmp_path: Path) -> None:
     two = make_image_folder(tmp_path / "two", {"ant": (0, 0, 0), "bee": (255, 255, 255)}, per_class=6)
-    model = TransferLearningModel(num_classes=2, weights=str(trained["best"]))
+    model = TransferLearningModel(num_classes=2, backbone="resnet18", weights=str(trained["best"]))
     saved = torch.load(trained["best"], weights_only=True)["state_dict"]
     assert torch.equal(model.backbone.layer3[0].conv2.weight, saved["backbone.layer3.0.conv2.weight"])
     assert model.head.out_features == 2
@@ -218,7 +218,7 @@ def test_weights_from_an_earlier_run_with_other_classes(trained: dict[str, Path]
 def test_default_imagenet_weights_from_the_cache(standin_cache: Path, image_folder: Path, tmp_path: Path) -> None:
     # standin_cache holds a STAND-IN file with random values under the official name.
     args = fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
-    args[args.index("--model.weights") : args.index("--model.weights") + 2] = []
+    args[args.index("--model.backbone") : args.index("--model.weights") + 2] = []  # the defaults: ResNet-50, ImageNet
     main(args)
     last = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
@@ -235,7 +235,7 @@ def test_missing_pretrained_weights_stop_before_training(
     image_folder: Path, tmp_path: Path, offline: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     args = fit_args(image_folder, tmp_path / "runs")
-    args[args.index("--model.weights") + 1] = "IMAGENET1K_V2"
+    args[args.index("--model.backbone") : args.index("--model.weights") + 2] = ["--model.weights", "IMAGENET1K_V2"]
     assert exit_code(args) == 2
     err = capfd.readouterr().err
     assert "resnet50-11ad3fa6.pth" in err and "--model.weights null" in err

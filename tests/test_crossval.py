@@ -47,7 +47,7 @@ def test_each_fold_validates_on_its_part_and_leaves_test_alone(tmp_path: Path) -
 
 def test_cv_fits_every_fold_and_summarises(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
-    args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "2", "--model.backbone", "resnet18")[1:]
+    args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "2")[1:]
     main(["cv", *args, "--cv.folds", "3", "--cv.test", "true"])
     summary = json.loads((tmp_path / "runs" / "cv_0" / "cv.json").read_text())
     assert [row["fold"] for row in summary["folds"]] == [0, 1, 2]

@@ -19,7 +19,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     base = tmp_path_factory.mktemp("export")
     root = make_image_folder(base / "images", COLORS, per_class=6)
-    main(fit_args(root, base / "runs", "--model.backbone", "resnet18", "--trainer.max_epochs", "1"))
+    main(fit_args(root, base / "runs", "--trainer.max_epochs", "1"))
     return run_dirs(base / "runs")[0] / "checkpoints" / "last.ckpt"
 
 

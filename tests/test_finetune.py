@@ -22,7 +22,7 @@ from tl_project import main
 def initial_weights(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "init.pth"
-    torch.save(torchvision.models.resnet50().state_dict(), path)
+    torch.save(torchvision.models.resnet18().state_dict(), path)  # fit_args' backbone
     return path
 
 

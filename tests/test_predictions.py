@@ -25,7 +25,7 @@ DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.stra
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("predictions")
     images = make_image_folder(base / "images", COLORS, per_class=6)
-    main(fit_args(images, base / "runs", "--model.backbone", "resnet18", "--trainer.max_epochs", "1"))
+    main(fit_args(images, base / "runs", "--trainer.max_epochs", "1"))
     many = make_image_folder(base / "many", COLORS, per_class=300, size=24)  # 900 images to predict
     reference = base / "reference.csv"
     main(predict_args(base, reference)[3:])

@@ -80,7 +80,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small checkpoint, its .onnx export, and predict's predictions.csv for its images."""
     base = tmp_path_factory.mktemp("serve")
     images = make_image_folder(base / "images", COLORS, per_class=6)
-    main(fit_args(images, base / "runs", "--model.backbone", "resnet18", "--trainer.max_epochs", "1"))
+    main(fit_args(images, base / "runs", "--trainer.max_epochs", "1"))
     checkpoint = run_dirs(base / "runs")[0] / "checkpoints" / "last.ckpt"
     onnx = base / "model.onnx"
     main(["export", "--ckpt_path", str(checkpoint), "--output", str(onnx)])
