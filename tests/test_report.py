@@ -48,3 +48,9 @@ def test_every_test_writes_a_report_with_the_right_numbers(tmp_path: Path, capfd
     card = (report / "report.md").read_text()
     assert "## Results" in card and "top-1 accuracy" in card and "python -m tl_project test --ckpt_path" in card
     assert re.search(r"\| sky \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \| 2 \|", card)
+
+    # A training run that logged elsewhere (no metrics.csv): no curves, and the card says why.
+    (run_dirs(tmp_path / "runs")[0] / "metrics.csv").unlink()
+    main(["test", "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "runs"), *QUIET])
+    report = run_dirs(tmp_path / "runs")[-1] / "report"
+    assert not (report / "curves.png").exists() and "No training curves" in (report / "report.md").read_text()

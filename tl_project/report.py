@@ -207,6 +207,17 @@ def write_report(
     return path
 
 
+def _no_curves(training_metrics: Path | None) -> list[str]:
+    """Why the card has no training curves, when the checkpoint came from a run without a metrics.csv."""
+    if training_metrics is None:
+        return []
+    return [
+        f"No training curves: the training run has no `{training_metrics}` (curves.png is drawn from the "
+        "CSV logger's file; a run that logged only elsewhere, e.g. to TensorBoard, shows its curves there).",
+        "",
+    ]
+
+
 def _model_card(metrics: Mapping[str, Any], context: Mapping[str, Any], has_curves: bool) -> str:
     model, data = context.get("model", {}), context.get("data", {})
     source = data.get("dataset") or f"image folder {data.get('root')}"
@@ -249,7 +260,7 @@ def _model_card(metrics: Mapping[str, Any], context: Mapping[str, Any], has_curv
         "",
         "![most confidently wrong](misclassified.png) (paths in `misclassified.csv`)",
         "",
-        *(["![training curves](curves.png)", ""] if has_curves else []),
+        *(["![training curves](curves.png)", ""] if has_curves else _no_curves(context.get("training_metrics"))),
         "## Reproduce",
         "",
         "```",
