@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from array import array
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -41,7 +40,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from tl_project.data.images import EXTENSION_FORMATS
-from tl_project.data.manifest import Manifest
+from tl_project.data.manifest import Manifest, file_keys
 from tl_project.errors import UserError
 from tl_project.runtime import gather_objects, rank_and_world, warn
 
@@ -207,10 +206,7 @@ def check_images(
     checked = [split for split in splits if only is None or split in only]
     known: dict[str, Inspection] = {}
     if manifest:
-        stat = os.stat  # as `manifest.file_key`, inline: this runs once per file
-        keys = {
-            path: ((st := stat(path)).st_size, st.st_mtime_ns) for samples in splits.values() for path, _ in samples
-        }
+        keys = file_keys(path for samples in splits.values() for path, _ in samples)
         fingerprint = report_fingerprint(splits, class_names, checked, keys, level, max_pixels)
         saved_report = manifest.report(fingerprint)
         if all(gather_objects(saved_report is not None)):  # every process takes the same way
@@ -240,7 +236,7 @@ def report_fingerprint(
     level: str,
     max_pixels: int,
 ) -> str:
-    """What a report is made from, hashed: the settings, and every file's split, label, path and `file_key`."""
+    """What a report is made from, hashed: the settings, and every file's split, label, path and key (`file_keys`)."""
     digest = hashlib.sha256(json.dumps([list(class_names), list(checked), level, max_pixels]).encode())
     for split, samples in splits.items():  # whole arrays at a time: this runs over every file
         paths = [path for path, _ in samples]
