@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -41,41 +40,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# From scripts/: the machine record of the other benchmarks, and their photo-like generated JPEGs.
+from benchmark import machine
+from data_benchmark import make_folder
+
 ROWS = ("fit", "loader", "predict", "serve", "feature_cache")
-CLASSES = 4
-
-
-def machine() -> dict[str, Any]:
-    """What ran the check: CPU, cores, GPU and versions."""
-    info: dict[str, Any] = {"cpu": platform.processor(), "cores": len(os.sched_getaffinity(0))}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    info["torch"] = torch.__version__
-    return info
-
-
-def write_folder(root: Path, count: int, width: int, height: int) -> Path:
-    """`count` JPEGs (quality 90) in CLASSES class folders: smooth gradients plus noise."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width]
-    for i in range(count):
-        folder = root / f"c{i % CLASSES}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = (x * rng.uniform(0.2, 1) + y * rng.uniform(0.2, 1)) % 256
-        pixels = np.stack([base, base[::-1], base[:, ::-1]], axis=-1) + rng.normal(0, 12, (height, width, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
-    return root
 
 
 def command(*args: str) -> list[str]:
@@ -111,7 +84,7 @@ class Check:
         self.gpu = torch.cuda.is_available()
         self.started = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
-        self.folder = work / "images"
+        self.folder = work / "images"  # set by main once written
         self.checkpoint: Path | None = None
 
     def data_options(self, batch_size: int | None = None) -> list[str]:
@@ -319,7 +292,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tl_project-gpu-check-"))
     try:
         check = Check(args, work)
-        write_folder(check.folder, args.images, 500, 375)
+        check.folder = make_folder(work, args.images, 500, 375)
         print(json.dumps(machine()), flush=True)
         for row in args.only:
             getattr(check, row)()

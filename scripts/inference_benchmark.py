@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,23 +31,11 @@ from typing import Any
 
 import torch
 import torchvision
+from benchmark import machine  # scripts/ is on the path
 from torch import nn
 
 from tl_project.data.named import read_idx
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+from tl_project.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def images(root: Path, count: int, size: int) -> torch.Tensor:
@@ -56,8 +43,8 @@ def images(root: Path, count: int, size: int) -> torch.Tensor:
     pixels = read_idx(root / "t10k-images-idx3-ubyte.gz")[:count]
     batch = pixels[:, None].float().div(255).expand(-1, 3, -1, -1)
     batch = nn.functional.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((batch - mean) / std).contiguous()
 
 
@@ -135,14 +122,10 @@ def main() -> None:
         row["max_abs_prob_diff"] = float((logits.softmax(1) - reference.softmax(1)).abs().max())
         row["top1_differs"] = int((logits.argmax(1) != reference.argmax(1)).sum())
         row["images"] = len(logits)
-    flags = cpu_flags()
+    # The machine record of the other benchmarks; AVX-512 too, as "AMD EPYC" may name either kind.
+    avx512 = "avx512f" in Path("/proc/cpuinfo").read_text().split()
     result = {
-        "machine": {
-            "cpu": cpu_model(),
-            "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
-            "avx512f": "avx512f" in flags,
-            "threads": args.threads,
-        },
+        "machine": {**machine(), "avx512f": avx512, "threads": args.threads},
         "versions": {"torch": torch.__version__},
         "settings": {k: v for k, v in vars(args).items() if k not in ("root", "out")},
         "rows": rows,
