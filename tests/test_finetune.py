@@ -74,6 +74,27 @@ def test_gradual_unfreezing_resumes_to_the_same_result(
         assert torch.equal(value, resumed["state_dict"][key]), key
 
 
+def test_gradual_under_ddp_needs_ddp_told_of_unused_parameters(tmp_path: Path) -> None:
+    """The rule reads the wrapped model's public `find_unused_parameters` (a one-process group)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tl_project.errors import UserError
+    from tl_project.finetune import FinetunePolicy
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        told = DistributedDataParallel(torch.nn.Linear(2, 2), find_unused_parameters=True)
+        untold = DistributedDataParallel(torch.nn.Linear(2, 2))
+        FinetunePolicy(mode="gradual").check_strategy(told)
+        FinetunePolicy(mode="full").check_strategy(untold)
+        FinetunePolicy(mode="gradual").check_strategy(torch.nn.Linear(2, 2))  # no DDP
+        with pytest.raises(UserError, match=r"pass --trainer\.strategy ddp_find_unused_parameters_true"):
+            FinetunePolicy(mode="gradual").check_strategy(untold)
+    finally:
+        dist.destroy_process_group()
+
+
 # --- feature cache ---
 
 

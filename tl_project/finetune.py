@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from tl_project.errors import UserError
 
@@ -87,12 +88,14 @@ class FinetunePolicy:
         trainable = [p for module in (backbone, head) for p in module.parameters() if p.requires_grad]
         return [{"params": trainable}], [1.0]
 
-    def check_strategy(self, strategy: Any, world_size: int) -> None:
-        """gradual under DDP: the backbone has no gradients at first, which DDP must be told.
-        DDPStrategy keeps its options in `_ddp_kwargs`, with no public reader."""
-        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-        needs_flag = self.mode == "gradual" and world_size > 1 and ddp_kwargs is not None
-        if needs_flag and not ddp_kwargs.get("find_unused_parameters"):  # type: ignore[union-attr]
+    def check_strategy(self, wrapped: Any) -> None:
+        """gradual under DDP (`wrapped`: the strategy's model): the backbone has no gradients at
+        first, which DDP must be told."""
+        if (
+            self.mode == "gradual"
+            and isinstance(wrapped, DistributedDataParallel)
+            and not wrapped.find_unused_parameters
+        ):
             raise UserError(
                 "finetune gradual leaves the backbone without gradients at first, which DDP must be told: "
                 "pass --trainer.strategy ddp_find_unused_parameters_true."

@@ -221,7 +221,7 @@ class TransferLearningModel(L.LightningModule):
         counts = datamodule.class_counts if self.mix and hasattr(datamodule, "class_counts") else []
         for trap in fit_traps(self.trainer, self.hparams["warmup_epochs"], bool(self.mix), counts):
             warn(trap)
-        self.policy.check_strategy(self.trainer.strategy, self.trainer.world_size)
+        self.policy.check_strategy(self.trainer.strategy.model)
 
     # -- steps --
 
