@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,22 @@ def small_run(image_folder: Path, tmp_path: Path) -> Path:
     """One finished 1-epoch run; returns its checkpoints folder."""
     main(fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1"))
     return run_dirs(tmp_path / "runs")[0] / "checkpoints"
+
+
+def test_last_ckpt_follows_every_validation_and_holds_the_best_so_far(image_folder: Path, tmp_path: Path) -> None:
+    # A frozen backbone and a learning rate of ~0: the score never beats the first
+    # validation's, so only that one is a best; last.ckpt must still follow all four.
+    args = ("--model.finetune", "head", "--model.optimizer.lr", "1e-12", "--trainer.val_check_interval", "0.5")
+    main(fit_args(image_folder, tmp_path / "runs", *args))
+    folder = run_dirs(tmp_path / "runs")[0] / "checkpoints"
+    best = folder / "best.ckpt"
+    first = torch.load(best, weights_only=True)
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] > first["global_step"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["best.ckpt", "last.ckpt", os.readlink(best)])
+    # last.ckpt was written after the best was taken in: resuming from it keeps the right best.
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("Checkpoint{"))
+    assert Path(state["best_model_path"]).name == os.readlink(best)
 
 
 @pytest.fixture

@@ -19,39 +19,31 @@ from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, say, small_b
 
 
 class Checkpoint(ModelCheckpoint):
-    """`ModelCheckpoint` that keeps `last.ckpt` current and `best.ckpt` pointing at the best.
+    """`ModelCheckpoint` that keeps `best.ckpt` pointing at the best checkpoint so far.
 
-    - `last.ckpt` is rewritten at every validation (Lightning 2.6 rewrites it only when
-      a new best is saved, so a crash could lose every epoch since the last best);
-    - `best.ckpt` is a link to the best checkpoint so far;
-    - SIGTERM (a scheduler's notice before preemption) writes `last.ckpt` before the
-      run stops.
+    `last.ckpt` is kept by its companion, `LastCheckpoint` (`split_last`): Lightning 2.6
+    rewrites `last.ckpt` only when a new best is saved, so a crash could lose every epoch
+    since the last best.
     """
 
     BEST_NAME = "best.ckpt"
 
+    def split_last(self) -> LastCheckpoint | None:
+        """With `save_last`, the companion that keeps `last.ckpt`; this one then keeps the top k
+        only. Put it after this one among the callbacks: it then saves in the same hook, after
+        this one has taken in the new score, so `last.ckpt` holds the current best too."""
+        if not self.save_last:
+            return None
+        self.save_last = False
+        return LastCheckpoint(self.dirpath, self.save_weights_only)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):  # where the parent saves: after validation
-            self._keep_last_current(trainer)
         self._link_best(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):  # e.g. several validations an epoch
-            self._keep_last_current(trainer)
         self._link_best(trainer)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        # Only on SIGTERM: after any other error the weights may be broken (e.g. a NaN loss).
-        if isinstance(exception, SIGTERMException) and self.save_last:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def _keep_last_current(self, trainer: L.Trainer) -> None:
-        if self._should_skip_saving_checkpoint(trainer) or self._last_global_step_saved == trainer.global_step:
-            return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _link_best(self, trainer: L.Trainer) -> None:
         if not (trainer.is_global_zero and self.best_model_path and self.dirpath):
@@ -67,6 +59,28 @@ class Checkpoint(ModelCheckpoint):
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target)
         os.replace(tmp, link)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt`, rewritten at every validation (or epoch end without validation), and on
+    SIGTERM (a scheduler's notice before preemption) before the run stops: a `ModelCheckpoint`
+    of the latest, named `last`, with no monitor."""
+
+    def __init__(self, dirpath: str | Path | None = None, save_weights_only: bool = False) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            save_weights_only=save_weights_only,
+            enable_version_counter=False,
+        )
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Only on SIGTERM: after any other error the weights may be broken (e.g. a NaN loss).
+        if isinstance(exception, SIGTERMException) and self.dirpath:
+            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            trainer.save_checkpoint(path, self.save_weights_only)
 
 
 class PredictionWriter(BasePredictionWriter):

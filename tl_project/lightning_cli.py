@@ -4,7 +4,7 @@ A LightningCLI over `TransferLearningModel` and `ImageDataModule` that adds:
 
 - `--config NAME.yaml` (or `NAME`) that is not a file here is looked up in `configs/`;
 - the data's `num_classes` and `class_names` linked into the model;
-- default callbacks: `Checkpoint` (best by `val/acc`, `last.ckpt`, `best.ckpt`),
+- default callbacks: `Checkpoint` (best by `val/acc`, `best.ckpt`) with `LastCheckpoint` (`last.ckpt`),
   `LearningRateMonitor` and `FitSummary` while fitting, `PredictionWriter` while predicting, and a
   CSV logger that gives every run a new `runs/version_N/` folder;
 - `validate`/`test`/`predict --ckpt_path X` rebuild the model and the data from the
@@ -197,6 +197,10 @@ class TransferLearningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         if self.subcommand not in (None, "fit"):  # nothing trains, so nothing to checkpoint
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]  # type: ignore[attr-defined]
+        elif isinstance(trainer.checkpoint_callback, Checkpoint):
+            last = trainer.checkpoint_callback.split_last()
+            if last is not None:
+                trainer.callbacks.append(last)  # type: ignore[attr-defined]  # after it: see split_last
         return trainer
 
 
