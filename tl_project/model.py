@@ -254,15 +254,13 @@ class TransferLearningModel(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         if not len(batch[1]):  # every image of the batch failed to load (data.check header/off)
             return None
-        if self.global_step == 0 and batch_idx == 0 and self._small_for_batchnorm(len(batch[1])):
-            warn(small_batch_advice(len(batch[1])))
+        size = len(batch[1])
+        if self.global_step == 0 and batch_idx == 0 and size < MIN_BATCHNORM_BATCH and self.batchnorm_trains:
+            warn(small_batch_advice(size))
         loss, _ = self._shared_step(batch, "train", batch_idx)
         # The live loss of the step, for the progress bar only.
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
-
-    def _small_for_batchnorm(self, batch_size: int) -> bool:
-        return batch_size < MIN_BATCHNORM_BATCH and self.batchnorm_trains
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         if len(batch[1]):

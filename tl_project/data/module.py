@@ -31,8 +31,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Subset
 
-from tl_project.data.checks import DataReport, Unreadable, check_images, usable
-from tl_project.data.datasets import ImageDataset, LabelsOnly, PredictDataset, split_sampler
+from tl_project.data.checks import DataReport, Unreadable, check_images
+from tl_project.data.datasets import LabelsOnly, PredictDataset, split_sampler
 from tl_project.data.exclude import Exclusion
 from tl_project.data.folders import Splits
 from tl_project.data.manifest import Manifest
@@ -216,11 +216,6 @@ class ImageDataModule(L.LightningDataModule):
             return train_transform(self.image_size, self.min_crop_scale, self.preprocessing)
         return eval_transform(self.image_size, self.preprocessing)
 
-    def tolerant(self, dataset: ImageDataset) -> ImageDataset:
-        """Unless every image was decoded by the check, loading failures are skipped, not fatal."""
-        dataset.skip_unreadable = self.check_level != "full"
-        return dataset
-
     def folder_splits(self) -> Splits:
         """(path, label) samples of train, val and test from the image folder; with `folds`,
         train and val are the cross-validation fold's."""
@@ -243,16 +238,6 @@ class ImageDataModule(L.LightningDataModule):
         devices = self.trainer.num_devices if self.trainer is not None else 1
         workers = max(1, usable_cores() // devices)
         return check_images(splits, class_names, self.max_image_pixels, level, workers, manifest, only)
-
-    def usable(
-        self, splits: Splits, class_names: list[str], stage: str, base: Path | None, only: list[str] | None = None
-    ) -> Splits:
-        """`splits` (those in `only`) without unusable images, by `on_bad_image` (see `checks.usable`);
-        with data.check off, all of them, unchecked."""
-        report = self.check(splits, class_names, base, only) if self.check_level != "off" else None
-        if only is not None:
-            splits = {split: splits[split] for split in only}
-        return usable(splits, report, self.on_bad_image, stage) if report else splits
 
     @property
     def predict_paths(self) -> list[str]:

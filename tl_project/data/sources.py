@@ -2,7 +2,8 @@
 
 Each source validates its own options, knows its classes before `setup()`, and builds the
 datasets of the splits a stage needs; the data module (`module.py`) keeps what every source
-shares: the loaders, the batch hooks, the data check and the predict folder.
+shares: the loaders, the batch hooks and the data check; the check's bad-image policy and
+the predict folder are here (`usable_samples`, `predict_folder`).
 
 - `NamedSource`: a torchvision dataset by name, held in memory; its official test split.
 - `FolderSource`: `root/<class>/*` or `root/{train,val,test}/<class>/*`, checked first.
@@ -16,6 +17,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from tl_project.data.checks import usable
 from tl_project.data.datasets import FolderDataset, ImageDataset, PredictDataset, TensorImageDataset
 from tl_project.data.exclude import image_key, without_excluded
 from tl_project.data.folders import Splits, folder_classes, folder_splits, predict_paths
@@ -129,9 +131,9 @@ class FolderSource:
         and the splits of `STAGE_CHECKS` checked."""
         checked = [split for split in SPLITS if split in splits or split in STAGE_CHECKS[stage]]
         chosen = self.splits(data, exclude=bool({"train", "val"} & set(splits)))
-        samples = data.usable(chosen, data.class_names, stage, self.root, only=checked)
+        samples = usable_samples(data, chosen, data.class_names, stage, self.root, only=checked)
         return {
-            split: data.tolerant(FolderDataset(samples[split], data.transform(split), data.seed)) for split in splits
+            split: tolerant(data, FolderDataset(samples[split], data.transform(split), data.seed)) for split in splits
         }
 
 
@@ -184,12 +186,36 @@ class ShardSource:
         )
 
 
+def usable_samples(
+    data: ImageDataModule,
+    splits: Splits,
+    class_names: list[str],
+    stage: str,
+    base: Path | None,
+    only: list[str] | None = None,
+) -> Splits:
+    """`splits` (those in `only`) without unusable images, by `on_bad_image` (see `checks.usable`);
+    with data.check off, all of them, unchecked."""
+    report = data.check(splits, class_names, base, only) if data.check_level != "off" else None
+    if only is not None:
+        splits = {split: splits[split] for split in only}
+    return usable(splits, report, data.on_bad_image, stage) if report else splits
+
+
+def tolerant(data: ImageDataModule, dataset: ImageDataset) -> ImageDataset:
+    """Unless every image was decoded by the check, loading failures are skipped, not fatal."""
+    dataset.skip_unreadable = data.check_level != "full"
+    return dataset
+
+
 def predict_folder(data: ImageDataModule) -> ImageDataset:
     """The images of `--data.predict_dir` (a folder, searched recursively, or one file), checked."""
     paths = predict_paths(data.predict_dir)
     base = Path(data.predict_dir or ".").expanduser()
-    found = data.usable({"predict": [(p, 0) for p in paths]}, ["images"], "predict", base if base.is_dir() else None)
-    return data.tolerant(PredictDataset([p for p, _ in found["predict"]], data.transform("predict")))
+    found = usable_samples(
+        data, {"predict": [(p, 0) for p in paths]}, ["images"], "predict", base if base.is_dir() else None
+    )
+    return tolerant(data, PredictDataset([p for p, _ in found["predict"]], data.transform("predict")))
 
 
 Source = NamedSource | FolderSource | ShardSource
