@@ -7,7 +7,7 @@
    `--per_class` training images each, with that fraction moved into a wrong class folder
    (drawn from the seed); a clean test folder of `--test_per_class` images a class.
 3. `cv` on the noisy folder: the fast path (frozen backbone, shared features) always, the
-   full fine-tune with `--full` (at the noise levels of `--full_noise`, first seed): the
+   full fine-tune with `--full` (at the levels of `--full_noise`, seeds of `--full_seeds`): the
    precision and recall of `label_issues.csv` against the flipped files, and wall time.
 4. `fit` (full fine-tune) on the noisy folder, with `--data.exclude label_issues.csv` (the
    fast path's), and on the clean folder: test accuracy, and how much of the accuracy lost
@@ -103,7 +103,8 @@ def main_benchmark() -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the retrains (and of full cv)")
     parser.add_argument("--full", action="store_true", help="also cv with full fine-tuning (slow)")
     parser.add_argument("--full_noise", type=float, nargs="+", default=[0.1])
-    parser.add_argument("--retrain_noise", type=float, nargs="+", help="noise levels of the retrains (default: all)")
+    parser.add_argument("--full_seeds", type=int, nargs="+", help="seeds of the full cv (default: the first)")
+    parser.add_argument("--retrain_noise", type=float, nargs="*", help="noise levels of the retrains (default: all)")
     parser.add_argument("--source_per_class", type=int, default=1200)
     parser.add_argument("--pretrain_epochs", type=int, default=8)
     args = parser.parse_args()
@@ -135,13 +136,14 @@ def main_benchmark() -> None:
             fast_extra = [*FAST, "--trainer.max_epochs", str(args.cv_epochs), "--model.optimizer.lr", str(args.cv_lr)]
             found, seconds = cv_issues(f"cv-fast-{level}-seed{seed}", noisy, args, fast_extra)
             rows["fast"].append(precision_recall(found, flipped) | {"seconds": seconds})
-            if args.full and level in args.full_noise and seed == args.seeds[0]:
+            if args.full and level in args.full_noise and seed in (args.full_seeds or args.seeds[:1]):
                 full_extra = ["--trainer.max_epochs", str(args.epochs), "--model.optimizer.lr", str(args.lr)]
                 found_full, seconds = cv_issues(f"cv-full-{level}-seed{seed}", noisy, args, full_extra)
                 rows["full"].append(precision_recall(found_full, flipped) | {"seconds": seconds})
             issues = args.out / "runs" / f"cv-fast-{level}-seed{seed}" / "cv_0" / "label_issues.csv"
             if args.retrain_noise is not None and level not in args.retrain_noise:
                 results["levels"][str(level)] = rows
+                (args.out / "label_noise.json").write_text(json.dumps(results, indent=1) + "\n")
                 shutil.rmtree(noisy)
                 continue
             noisy_fit = retrain(f"noisy-{level}-seed{seed}", noisy, seed)
