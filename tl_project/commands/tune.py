@@ -26,10 +26,10 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
-from tl_project.callbacks import Checkpoint, DivergenceGuard, FitSummary
+from tl_project.callbacks import DivergenceGuard, FitSummary
 from tl_project.errors import UserError
 from tl_project.lightning_cli import TransferLearningCLI, launched, parser_settings
 from tl_project.runtime import say
@@ -56,7 +56,7 @@ class TuneCLI(TransferLearningCLI):
         kwargs |= {"max_steps": steps, "max_epochs": -1, "limit_val_batches": 0, "num_sanity_val_steps": 0}
         trainer = super().instantiate_trainer(**kwargs)
         # No checkpoints, no summary, and no divergence guard: a diverging loss ends the range test.
-        unwanted = Checkpoint | FitSummary | DivergenceGuard
+        unwanted = ModelCheckpoint | FitSummary | DivergenceGuard  # Checkpoint and LastCheckpoint
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, unwanted)]  # type: ignore[attr-defined]
         return trainer
 
