@@ -25,7 +25,7 @@ from tests.conftest import COLORS, make_image_folder
 from tests.helpers import fit_args, read_csv, run_dirs
 from tl_project.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve")]  # one worker: one server of each kind
 START_TIMEOUT = 180  # seconds: imports, a spawned worker, the model loaded and warmed up
 
 
@@ -38,15 +38,17 @@ def free_port() -> int:
 class Server:
     """`python -m tl_project serve ARGS` in a subprocess, ready when /health answers 200."""
 
-    def __init__(self, log: Path, *args: str, api_key: str | None = None) -> None:
+    def __init__(self, log: Path, *args: str, api_key: str | None = None, sigint_ignored: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.headers = {"X-API-Key": api_key} if api_key else {}
         env = os.environ | ({"TL_PROJECT_SERVE__API_KEY": api_key} if api_key else {})
         command = [sys.executable, "-m", "tl_project", "serve", *args, "--port", str(self.port)]
+        # A script's background job (`serve ... &`) starts with SIGINT ignored.
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         self.process = subprocess.Popen(
-            command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=log.parent, env=env
+            command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=log.parent, env=env, preexec_fn=ignore
         )
         deadline = time.monotonic() + START_TIMEOUT
         while not self.ready():
@@ -236,7 +238,8 @@ def test_page_in_a_headless_browser(server: Server, trained: dict[str, Path], tm
 
 def test_onnx_file_serves_the_same_answers_behind_a_key_and_stops_on_sigint(trained: dict[str, Path]) -> None:
     log = trained["onnx"].parent / "serve-onnx.log"
-    running = Server(log, "--ckpt_path", str(trained["onnx"]), api_key="s3cret")  # the key from the environment
+    # The key from the environment; SIGINT inherited ignored, as in a script's background job: it still stops.
+    running = Server(log, "--ckpt_path", str(trained["onnx"]), api_key="s3cret", sigint_ignored=True)
     try:
         image = (trained["images"] / "cat" / "000.png").read_bytes()
         no_key = requests.post(f"{running.url}/predict", files={"file": ("x.png", image)}, timeout=30)

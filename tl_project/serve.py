@@ -345,17 +345,19 @@ def serve(
     threading.Thread(target=announce_when_ready, args=(url, api_key, stop), daemon=True).start()
     main_process = os.getpid()
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if os.getpid() != main_process:  # a forked worker that kept the handler: end as by default
+    def on_signal(signum: int, frame: Any) -> None:
+        if signum == signal.SIGTERM and os.getpid() != main_process:  # a forked worker: end as by default
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
         raise KeyboardInterrupt  # LitServe's graceful shutdown: workers stopped, the port freed
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # SIGINT too, explicitly: a process started in the background by a script inherits it ignored.
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(host=host, port=port, generate_client_file=False, log_level="warning")
     finally:
         stop.set()
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     say("Server stopped.")
