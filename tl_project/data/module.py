@@ -120,22 +120,13 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         check_options(val_split, test_split, batch_size, image_size, min_crop_scale, folds, fold)
         self.source = make_source(dataset, root, download, balance, folds, exclude)
-        self.dataset = dataset
+        self.dataset, self.predict_dir = dataset, predict_dir
         self.root = Path(root).expanduser() if root is not None else None
-        self.batch_size = batch_size
-        self._num_workers = num_workers
-        self.image_size = image_size
-        self.min_crop_scale = min_crop_scale
-        self.augment = augment
-        self.val_split = val_split
-        self.test_split = test_split
-        self.seed = seed
-        self.predict_dir = predict_dir
-        self.on_bad_image = on_bad_image
-        self.max_image_pixels = max_image_pixels
-        self.check_level = check
-        self.balance = balance
+        self.batch_size, self._num_workers, self.balance = batch_size, num_workers, balance  # the loaders
+        self.image_size, self.min_crop_scale, self.augment = image_size, min_crop_scale, augment  # the view
+        self.val_split, self.test_split, self.seed = val_split, test_split, seed  # the splits
         self.folds, self.fold = folds, fold
+        self.on_bad_image, self.max_image_pixels, self.check_level = on_bad_image, max_image_pixels, check
         self.exclusion = Exclusion(exclude)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         # Images that failed to load and were left out of their batch, by split (data.check header/off).
