@@ -15,9 +15,9 @@ $(BIN)/.installed: pyproject.toml
 fit: $(BIN)/.installed  ## the seed recipe: make fit ARGS="--trainer.max_epochs 1"
 	$(BIN)/python -m tl_project fit --config configs/base.yaml $(ARGS)
 
-test: $(BIN)/.installed  ## the test suite, offline, on the CPU, one worker per core (Debian packages it needs first)
+test: $(BIN)/.installed  ## the test suite, offline, on the CPU (Debian packages it needs first)
 	bash scripts/system_packages.sh
-	$(BIN)/python -m pytest -n auto --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(BIN)/.installed  ## ruff and mypy
 	$(BIN)/ruff check .

@@ -32,7 +32,6 @@ TOLERANCE = GAP + 2 * math.hypot(SPREAD, PLAIN_SPREAD)  # 15.3 points
 
 pytestmark = [
     pytest.mark.outcome,
-    pytest.mark.xdist_group("outcome"),  # one worker: the pretraining and the plain path run once
     pytest.mark.skipif(
         not (FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").is_file()
         and not (FASHION_MNIST / "t10k-labels-idx1-ubyte").is_file(),
