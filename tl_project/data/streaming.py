@@ -208,19 +208,20 @@ class ShardLoader(StreamingDataLoader):
     resumed in the middle of an epoch continues from LitData's saved position. Under DDP
     each process trains the same number of whole batches (`__len__`)."""
 
-    def __init__(self, dataset: ShardDataset, size: int, epoch: Callable[[], int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: ShardDataset, size: int, world: int = 1, epoch: Callable[[], int] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, **kwargs)
-        self.size, self.epoch = size, epoch
+        self.size, self.world, self.epoch = size, world, epoch
 
     def __len__(self) -> int:
         """Batches per process. Under DDP every process must train the same number of batches:
         whole batches of an equal share, for all of them (LitData 0.2.76 counted one batch more
         on one process than it gave it, and the processes fell out of step)."""
-        world = self.dataset.distributed_env.world_size
-        if world == 1:
+        if self.world == 1:
             return super().__len__()
         assert self.batch_size is not None
-        return (self.size // world) // self.batch_size
+        return (self.size // self.world) // self.batch_size
 
     def __iter__(self) -> Any:
         # A generator, as LitData's: the epoch is read when the first batch is drawn, not when
@@ -265,7 +266,7 @@ def shard_loader(dataset: ShardDataset, size: int, trainer: Any, batch_size: int
             "lower --data.batch_size or --trainer.devices."
         )
     epoch = (lambda: epoch_to_train(trainer)) if trainer is not None else None
-    return ShardLoader(dataset, size, epoch=epoch, batch_size=batch_size, drop_last=False, **kwargs)
+    return ShardLoader(dataset, size, world, epoch=epoch, batch_size=batch_size, drop_last=False, **kwargs)
 
 
 def epoch_to_train(trainer: Any) -> int:
