@@ -25,7 +25,7 @@ from tests.conftest import COLORS, make_image_folder
 from tests.helpers import fit_args, read_csv, run_dirs
 from tl_project.cli import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve")]  # one worker: one server of each kind
+pytestmark = pytest.mark.slow
 START_TIMEOUT = 180  # seconds: imports, a spawned worker, the model loaded and warmed up
 
 
