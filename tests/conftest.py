@@ -58,19 +58,8 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images", COLORS, per_class=10)
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty torch cache and data-check cache, and a downloader that fails like an offline machine."""
-    torch_home = tmp_path_factory.mktemp("torch_home")
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    # The data check's manifests go to a per-test cache too.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-
-    def no_network(url: str, *args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError(f"offline test: no network for {url}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return torch_home
+def no_network(url: str, *args: object, **kwargs: object) -> None:
+    raise urllib.error.URLError(f"offline test: no network for {url}")
 
 
 # Options from the environment rank below config files and flags (LightningCLI's default_env).
@@ -79,15 +68,33 @@ PRECISION_VARIABLES = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """fp32, offline and temporary caches for the whole run, so that module and session fixtures
+    (which run before any test's own fixtures) run commands as the tests do: every command in
+    fp32 unless it passes --trainer.precision, whatever the CPU; no download; the torch cache
+    and the data check's manifests under the run's temporary folder, not in ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in PRECISION_VARIABLES:
+            patch.setenv(name, "32-true")
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        patch.setattr(torch.hub, "download_url_to_file", no_network)
+        yield
+
+
 @pytest.fixture(autouse=True)
-def fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every command runs in fp32 unless it passes --trainer.precision, whatever the CPU."""
-    for name in PRECISION_VARIABLES:
-        monkeypatch.setenv(name, "32-true")
+def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own empty torch cache and data-check cache (the downloader fails like an
+    offline machine's, `session_environment`)."""
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    return torch_home
 
 
 @pytest.fixture
-def auto_precision(fp32: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     """Commands choose their precision from the (simulated) machine, as for a user."""
     for name in PRECISION_VARIABLES:
         monkeypatch.delenv(name)
