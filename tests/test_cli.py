@@ -366,29 +366,42 @@ def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_fit_test_predict(tmp_path: Path) -> None:
-    root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
+    images = tmp_path / "images"
+    make_image_folder(images / "train", COLORS, per_class=10)
+    make_image_folder(images / "test", {"cat": COLORS["cat"], "dog": COLORS["dog"]}, per_class=3)
+    (images / "test" / "dog" / "002.png").unlink()  # 5 test images: odd, 2 processes
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    fit = [sys.executable, "-m", "tl_project", *fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "1"), *ddp]
+    fit = [sys.executable, "-m", "tl_project", *fit_args(images, tmp_path / "runs", "--trainer.max_epochs", "1"), *ddp]
     result = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     best = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "best.ckpt"
     assert best.is_file()
 
+    # Test on 2 processes counts each test image once: the same accuracy and mean loss as one
+    # process (a repeated image, or an unweighted mean of the two processes, would move them).
     test = [sys.executable, "-m", "tl_project", "test", "--ckpt_path", str(best), *QUIET, *ddp]
     result = subprocess.run(test, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(ACCURACY_LINE.findall(result.stdout)) == 1  # printed by rank 0 only
+    two = ACCURACY_LINE.findall(result.stdout)
+    assert len(two) == 1  # printed by rank 0 only
+    main(["test", "--ckpt_path", str(best), *QUIET])
+    one_run, two_run = run_dirs(tmp_path / "runs")[-1], run_dirs(tmp_path / "runs")[-2]
+    one_logged, two_logged = read_csv(one_run / "metrics.csv")[-1], read_csv(two_run / "metrics.csv")[-1]
+    assert f"{100 * float(one_logged['test/acc']):.2f}" == two[0]
+    assert float(one_logged["test/loss"]) == pytest.approx(float(two_logged["test/loss"]), rel=1e-5)
+    assert one_logged["test/acc"] == two_logged["test/acc"]
 
-    # 7 images on 2 processes: the sampler repeats one to even the shares; the file has each once.
+    # 7 images on 2 processes: the sampler repeats one to even the shares; the file has each once,
+    # in the order one process writes them.
     photos = make_image_folder(tmp_path / "photos", {"x": (200, 200, 0)}, per_class=7)
-    predict = [sys.executable, "-m", "tl_project", "predict", "--ckpt_path", str(best), "--data.predict_dir"]
-    result = subprocess.run(
-        [*predict, str(photos), *QUIET, *ddp], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
-    )
+    predict = ["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos), "--data.batch_size", "1", *QUIET]
+    command = [sys.executable, "-m", "tl_project", *predict, "--output", str(tmp_path / "two.csv"), *ddp]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_csv(run_dirs(tmp_path / "runs")[-1] / "predictions.csv")
-    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in photos.rglob("*.png"))
+    main([*predict, "--output", str(tmp_path / "one.csv")])
+    assert len(read_csv(tmp_path / "one.csv")) == 7
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
 
 
 def test_every_command_takes_its_options_from_the_environment(
