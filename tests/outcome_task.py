@@ -2,7 +2,9 @@
 (`tests/test_outcomes.py`; its seed spread: `scripts/outcome_spread.py`).
 
 Fashion-MNIST from its IDX files (Debian's `dataset-fashion-mnist`). A ResNet-18 is
-pretrained here from random initialisation on ten classes, `SOURCE_PER_CLASS` images each;
+pretrained here from random initialisation on ten classes, `SOURCE_PER_CLASS` images each
+(`PRETRAIN`: long enough for a network that works in eval mode, BatchNorm's running
+statistics included: the paths that freeze the backbone use it as it is);
 then fine-tuned from that checkpoint on five classes (`TARGET`) with `TRAIN_PER_CLASS`
 other images each (`VAL_PER_CLASS` more validate), at 32 px, and tested on
 `TEST_PER_CLASS` images a class of the official test split. No image is in two of the
@@ -36,7 +38,7 @@ from tl_project.data.named import NAMED_DATASETS, read_named
 FASHION_MNIST = Path(os.environ.get("TL_PROJECT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 TARGET = (0, 2, 4, 7, 8)  # T-shirt/top, Pullover, Coat, Sneaker, Bag
 SOURCE_PER_CLASS, TRAIN_PER_CLASS, VAL_PER_CLASS, TEST_PER_CLASS = 100, 16, 10, 60
-PRETRAIN = ["--trainer.max_epochs", "3", "--model.optimizer.lr", "0.05", "--data.batch_size", "32"]
+PRETRAIN = ["--trainer.max_epochs", "5", "--model.optimizer.lr", "0.02", "--data.batch_size", "32"]
 EPOCHS, LR, BATCH = 6, 0.01, 16
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 SHARD_CHUNK = "6kB"  # about ten of the task's 28 px PNGs
