@@ -15,9 +15,10 @@ $(BIN)/.installed: pyproject.toml
 fit: $(BIN)/.installed  ## the seed recipe: make fit ARGS="--trainer.max_epochs 1"
 	$(BIN)/python -m tl_project fit --config configs/base.yaml $(ARGS)
 
+# Two workers, each test module on one worker (its module fixtures run once).
 test: $(BIN)/.installed  ## the test suite, offline, on the CPU (Debian packages it needs first)
 	bash scripts/system_packages.sh
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 lint: $(BIN)/.installed  ## ruff and mypy
 	$(BIN)/ruff check .

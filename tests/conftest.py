@@ -12,6 +12,14 @@ a test's result must not. Tests of the precision choice remove that setting
 
 from __future__ import annotations
 
+import os
+
+# Waiting OpenMP threads sleep instead of spinning: with two pytest-xdist workers (`make test`)
+# and the subprocesses of the multi-process tests, more torch threads than cores run at once,
+# and spinning ones slow the others down several times. Set before torch is imported; the
+# workers and every command a test starts inherit it. Results do not change (same threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import shutil
 import urllib.error
 from collections.abc import Iterator
