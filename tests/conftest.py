@@ -81,7 +81,9 @@ def session_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     """fp32, offline and temporary caches for the whole run, so that module and session fixtures
     (which run before any test's own fixtures) run commands as the tests do: every command in
     fp32 unless it passes --trainer.precision, whatever the CPU; no download; the torch cache
-    and the data check's manifests under the run's temporary folder, not in ~/.cache."""
+    and the data check's manifests under the run's temporary folder, not in ~/.cache. And no
+    test leaves a run folder in the working directory."""
+    before = set(Path("runs").glob("version_*"))
     with pytest.MonkeyPatch.context() as patch:
         for name in PRECISION_VARIABLES:
             patch.setenv(name, "32-true")
@@ -89,6 +91,9 @@ def session_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         patch.setattr(torch.hub, "download_url_to_file", no_network)
         yield
+    # A command without --trainer.default_root_dir writes runs/ in the working directory.
+    left = sorted(set(Path("runs").glob("version_*")) - before)
+    assert not left, f"tests wrote run folders into {Path.cwd() / 'runs'}: {left}; pass --trainer.default_root_dir"
 
 
 @pytest.fixture(autouse=True)

@@ -385,8 +385,8 @@ def test_ddp_on_two_cpu_processes_fit_test_predict(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     two = ACCURACY_LINE.findall(result.stdout)
     assert len(two) == 1  # printed by rank 0 only
-    main(["test", "--ckpt_path", str(best), *QUIET])
-    one_run, two_run = run_dirs(tmp_path / "runs")[-1], run_dirs(tmp_path / "runs")[-2]
+    main(["test", "--ckpt_path", str(best), *QUIET, "--trainer.default_root_dir", str(tmp_path / "runs")])
+    two_run, one_run = run_dirs(tmp_path / "runs")[-2:]
     one_logged, two_logged = read_csv(one_run / "metrics.csv")[-1], read_csv(two_run / "metrics.csv")[-1]
     assert f"{100 * float(one_logged['test/acc']):.2f}" == two[0]
     assert float(one_logged["test/loss"]) == pytest.approx(float(two_logged["test/loss"]), rel=1e-5)
@@ -396,6 +396,7 @@ def test_ddp_on_two_cpu_processes_fit_test_predict(tmp_path: Path) -> None:
     # in the order one process writes them.
     photos = make_image_folder(tmp_path / "photos", {"x": (200, 200, 0)}, per_class=7)
     predict = ["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos), "--data.batch_size", "1", *QUIET]
+    predict += ["--trainer.default_root_dir", str(tmp_path / "runs")]
     command = [sys.executable, "-m", "tl_project", *predict, "--output", str(tmp_path / "two.csv"), *ddp]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

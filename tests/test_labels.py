@@ -115,7 +115,10 @@ def test_exclude_leaves_train_and_val_keeps_test_and_is_recorded(
     issues_copy = issues.read_bytes()
     issues.unlink()
     try:
-        main(["test", "--ckpt_path", str(run_dirs(runs)[0] / "checkpoints" / "last.ckpt"), "--data.num_workers", "0"])
+        checkpoint_path = str(run_dirs(runs)[0] / "checkpoints" / "last.ckpt")
+        main(
+            ["test", "--ckpt_path", checkpoint_path, "--data.num_workers", "0", "--trainer.default_root_dir", str(runs)]
+        )
     finally:
         issues.write_bytes(issues_copy)
     # check shows the count per class of what was left out
