@@ -79,8 +79,10 @@ class LastCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Only on SIGTERM: after any other error the weights may be broken (e.g. a NaN loss).
         if isinstance(exception, SIGTERMException) and self.dirpath:
-            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-            trainer.save_checkpoint(path, self.save_weights_only)
+            # The name every other save of this callback gets (its filename, formatted).
+            metrics = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
+            metrics |= trainer.callback_metrics
+            trainer.save_checkpoint(self.format_checkpoint_name(metrics), self.save_weights_only)
 
 
 class PredictionWriter(BasePredictionWriter):
