@@ -236,6 +236,33 @@ def test_page_in_a_headless_browser(server: Server, trained: dict[str, Path], tm
         chrome.quit()
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie waiting to be reaped has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_killed_server_leaves_no_process_and_frees_the_port(trained: dict[str, Path], tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, kill -9) gives the main process no chance to stop its workers:
+    they end by themselves, and the port is free again."""
+    server = Server(tmp_path / "serve.log", "--ckpt_path", str(trained["checkpoint"]))
+    children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 2, children  # the HTTP process and the inference worker at least
+    server.process.kill()
+    server.process.wait()
+    deadline = time.monotonic() + 60
+    while any(running(int(pid)) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if running(int(pid))]
+    with socket.socket() as s:  # a new server can listen on the port (as serve does: SO_REUSEADDR)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", server.port))
+        s.listen()
+
+
 def test_onnx_file_serves_the_same_answers_behind_a_key_and_stops_on_sigint(trained: dict[str, Path]) -> None:
     log = trained["onnx"].parent / "serve-onnx.log"
     # The key from the environment; SIGINT inherited ignored, as in a script's background job: it still stops.

@@ -19,9 +19,12 @@ pixel limit gets its own 400 or 413 while the others of its batch are answered a
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import os
 import signal
+import sys
 import threading
 import urllib.request
 from collections.abc import Mapping
@@ -145,14 +148,30 @@ def header_problem(data: bytes, max_pixels: int) -> Rejected | None:
     return None
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def end_with(parent: int) -> None:
+    """On Linux, this process gets SIGTERM when `parent`, the process that started it, ends,
+    even by SIGKILL (which leaves no chance to stop the workers): no inference worker or HTTP
+    process of a server outlives its main process, holding the port and memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class ClassifierAPI(ls.LitAPI):
     """The model behind `POST /predict`; runs in LitServe's inference workers."""
 
     def __init__(self, model_path: str, max_image_pixels: int | None, **batching: Any) -> None:
         super().__init__(api_path="/predict", **batching)
         self.model_path, self.max_image_pixels = model_path, max_image_pixels
+        self.server_process = os.getpid()  # built in the main process; setup runs in a worker
 
     def setup(self, device: str) -> None:
+        end_with(self.server_process)
         torch.set_num_threads(usable_cores())
         self.classifier = Classifier(self.model_path, device)
         self.max_pixels = self.max_image_pixels or self.classifier.max_pixels
@@ -344,6 +363,8 @@ def serve(
     stop = threading.Event()
     threading.Thread(target=announce_when_ready, args=(url, api_key, stop), daemon=True).start()
     main_process = os.getpid()
+    # The HTTP processes LitServe forks end with this one too (the inference workers: setup).
+    os.register_at_fork(after_in_child=functools.partial(end_with, main_process))
 
     def on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGTERM and os.getpid() != main_process:  # a forked worker: end as by default
