@@ -76,6 +76,15 @@ PRECISION_VARIABLES = [
 ]
 
 
+def use_temporary_caches(patch: pytest.MonkeyPatch, factory: pytest.TempPathFactory) -> Path:
+    """An empty torch cache and data-check cache (for the manifests) under the run's temporary
+    folder; the torch cache's path."""
+    torch_home = factory.mktemp("torch_home")
+    patch.setenv("TORCH_HOME", str(torch_home))
+    patch.setenv("XDG_CACHE_HOME", str(factory.mktemp("cache")))
+    return torch_home
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """fp32, offline and temporary caches for the whole run, so that module and session fixtures
@@ -87,8 +96,7 @@ def session_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     with pytest.MonkeyPatch.context() as patch:
         for name in PRECISION_VARIABLES:
             patch.setenv(name, "32-true")
-        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        use_temporary_caches(patch, tmp_path_factory)
         patch.setattr(torch.hub, "download_url_to_file", no_network)
         yield
     # A command without --trainer.default_root_dir writes runs/ in the working directory.
@@ -100,10 +108,7 @@ def session_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
 def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test its own empty torch cache and data-check cache (the downloader fails like an
     offline machine's, `session_environment`)."""
-    torch_home = tmp_path_factory.mktemp("torch_home")
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-    return torch_home
+    return use_temporary_caches(monkeypatch, tmp_path_factory)
 
 
 @pytest.fixture
