@@ -4,13 +4,17 @@ reliability tests hand to tl_project by import path, in-process or in a subproce
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from tl_project import main
@@ -35,6 +39,25 @@ class FailOnRank(Callback):
     ) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
+
+
+def fit_killed_while_saving(args: list[str]) -> None:
+    """`main(args)` in a process that SIGKILLs itself halfway through writing epoch 1's
+    last.ckpt (whatever file it is written to first), as a kill or power loss could."""
+    real_save = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(obj, dict) and obj.get("epoch") == 1 and "last.ckpt" in str(getattr(f, "name", f)):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(obj, f, *args, **kwargs)
+
+    with mock.patch.object(torch, "save", save):
+        main(args)
 
 
 ACCURACY_LINE = re.compile(r"Accuracy of the model on the test images: (\d+\.\d\d) %")

@@ -23,14 +23,13 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
 import torch
 from PIL import Image
 
+from tests import processes
 from tl_project import main
 from tl_project.data import streaming
 from tl_project.data.named import NAMED_DATASETS, read_named
@@ -138,9 +137,7 @@ def run_path(name: str, task: Path, pretrained: Path, seed: int = 1) -> float:
     test = ["test", "--ckpt_path", "last", *QUIET, "--trainer.default_root_dir", str(runs)]
     try:
         if name == "ddp":  # a process per device, as a user runs it; the test (exact under DDP too) in one
-            result = subprocess.run(
-                [sys.executable, "-m", "tl_project", *fit], capture_output=True, text=True, timeout=900
-            )
+            result = processes.run(fit, timeout=900)
             assert result.returncode == 0, result.stderr[-3000:]
         else:
             main(fit)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, TransferLearningModel, main
@@ -352,13 +353,7 @@ def test_private_lightning_members_in_use_still_exist() -> None:
 
 
 def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tl_project", "fit", "--data.dataset", "null", "--data.root", str(tmp_path / "none")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = processes.run(["fit", "--data.dataset", "null", "--data.root", str(tmp_path / "none")], cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert re.search(r"error: Image folder .*none does not exist", result.stderr)
@@ -372,16 +367,16 @@ def test_ddp_on_two_cpu_processes_fit_test_predict(tmp_path: Path) -> None:
     (images / "test" / "dog" / "002.png").unlink()  # 5 test images: odd, 2 processes
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    fit = [sys.executable, "-m", "tl_project", *fit_args(images, tmp_path / "runs", "--trainer.max_epochs", "1"), *ddp]
-    result = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = processes.run(
+        [*fit_args(images, tmp_path / "runs", "--trainer.max_epochs", "1"), *ddp], cwd=tmp_path, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     best = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "best.ckpt"
     assert best.is_file()
 
     # Test on 2 processes counts each test image once: the same accuracy and mean loss as one
     # process (a repeated image, or an unweighted mean of the two processes, would move them).
-    test = [sys.executable, "-m", "tl_project", "test", "--ckpt_path", str(best), *QUIET, *ddp]
-    result = subprocess.run(test, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = processes.run_ddp(["test", "--ckpt_path", str(best), *QUIET, *ddp], cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     two = ACCURACY_LINE.findall(result.stdout)
     assert len(two) == 1  # printed by rank 0 only
@@ -397,8 +392,7 @@ def test_ddp_on_two_cpu_processes_fit_test_predict(tmp_path: Path) -> None:
     photos = make_image_folder(tmp_path / "photos", {"x": (200, 200, 0)}, per_class=7)
     predict = ["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos), "--data.batch_size", "1", *QUIET]
     predict += ["--trainer.default_root_dir", str(tmp_path / "runs")]
-    command = [sys.executable, "-m", "tl_project", *predict, "--output", str(tmp_path / "two.csv"), *ddp]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = processes.run_ddp([*predict, "--output", str(tmp_path / "two.csv"), *ddp], cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     main([*predict, "--output", str(tmp_path / "one.csv")])
     assert len(read_csv(tmp_path / "one.csv")) == 7

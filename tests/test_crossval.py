@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import exit_code, fit_args, read_csv
 from tl_project import ImageDataModule, main
@@ -68,9 +67,8 @@ def test_cv_fits_every_fold_and_summarises(tmp_path: Path, capfd: pytest.Capture
 def test_cv_under_ddp(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
     args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "1")[1:]
-    command = [sys.executable, "-m", "tl_project", "cv", *args, "--cv.folds", "2", *DDP]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=400)
+    result = processes.run(["cv", *args, "--cv.folds", "2", *DDP], cwd=tmp_path, env=env, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Mean validation accuracy") == 1
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["cv_0"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tl_project import ImageDataModule
 from tl_project.data import checks
@@ -131,13 +131,13 @@ def test_worker_processes_find_what_one_process_finds(tmp_path: Path, monkeypatc
     assert inspect_files(paths, "full", 10**8, workers=2) == [inspect_file(p) for p in paths]
 
 
-def _rank_inspects(rank: int, paths: list[Path], init_file: str, out: Path) -> None:
+def rank_inspects(rank: int, paths: list[str], init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     mine: list[str] = []
     checks.inspect_file = lambda path, *args, **kwargs: mine.append(str(path)) or inspect_file(path, *args, **kwargs)  # type: ignore[assignment]
     results = inspect_files(paths, "full", 10**8)
-    (out / f"rank{rank}.txt").write_text("\n".join(mine))
-    (out / f"rank{rank}-problems.txt").write_text("\n".join(str(r.problem) for r in results))
+    (Path(out) / f"rank{rank}.txt").write_text("\n".join(mine))
+    (Path(out) / f"rank{rank}-problems.txt").write_text("\n".join(str(r.problem) for r in results))
     dist.destroy_process_group()
 
 
@@ -147,7 +147,8 @@ def test_ddp_processes_share_the_check_and_all_get_every_result(tmp_path: Path) 
     (root / "dog" / "empty.png").write_bytes(b"")
     paths = sorted(root.rglob("*.png"))
     init_file = tempfile.mktemp(dir=tmp_path)
-    mp.spawn(_rank_inspects, args=(paths, init_file, tmp_path), nprocs=2)
+    ranks = [processes.start_call(rank_inspects, r, list(map(str, paths)), init_file, str(tmp_path)) for r in (0, 1)]
+    assert [rank.wait(timeout=120) for rank in ranks] == [0, 0]
     shares = [set((tmp_path / f"rank{r}.txt").read_text().split()) for r in (0, 1)]
     assert not shares[0] & shares[1] and shares[0] | shares[1] == {str(p) for p in paths}
     expected = "\n".join(str(inspect_file(p).problem) for p in paths)

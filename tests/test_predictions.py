@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import exit_code, fit_args, read_csv, run_dirs
 from tl_project import main
@@ -28,7 +28,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     main(fit_args(images, base / "runs", "--trainer.max_epochs", "1"))
     many = make_image_folder(base / "many", COLORS, per_class=300, size=24)  # 900 images to predict
     reference = base / "reference.csv"
-    main(predict_args(base, reference)[3:])
+    main(predict_args(base, reference))
     return {"base": base, "checkpoint": run_dirs(base / "runs")[0] / "checkpoints" / "last.ckpt", "many": many,
             "reference": reference}  # fmt: skip
 
@@ -36,17 +36,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def predict_args(base: Path, output: Path, *extra: str) -> list[str]:
     checkpoint = run_dirs(base / "runs")[0] / "checkpoints" / "last.ckpt"
     return [
-        *(sys.executable, "-m"),
-        *("tl_project", "predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(base / "many")),
+        *("predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(base / "many")),
         *("--output", str(output), "--data.batch_size", "1", "--data.num_workers", "0"),
         *("--trainer.default_root_dir", str(base / "predict_runs"), "--trainer.enable_progress_bar", "false"),
         *extra,
     ]
 
 
-def start_and_kill(command: list[str], output: Path, at_rows: int) -> None:
-    """Run `command` and SIGKILL it once its parts hold `at_rows` rows."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_and_kill(args: list[str], output: Path, at_rows: int) -> None:
+    """Run `python -m tl_project ARGS` and SIGKILL it once its parts hold `at_rows` rows."""
+    errors = output.parent / "killed.err"
+    with errors.open("wb") as stderr:
+        process = processes.start(args, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         parts = list(output.parent.glob(f"{output.name}.part*"))
@@ -55,7 +56,7 @@ def start_and_kill(command: list[str], output: Path, at_rows: int) -> None:
             process.wait()
             return
         time.sleep(0.02)
-    raise AssertionError(f"predict ended before it could be killed: {process.returncode}, {process.stderr}")
+    raise AssertionError(f"predict ended before it could be killed: {process.returncode}, {errors.read_text()}")
 
 
 def test_a_killed_predict_continues_to_the_uninterrupted_file(
@@ -67,14 +68,14 @@ def test_a_killed_predict_continues_to_the_uninterrupted_file(
     assert not output.exists() and Path(f"{output}.progress.json").exists()
     kept = sum(p.read_bytes().count(b"\n") for p in tmp_path.glob("out.csv.part*"))
     assert 100 <= kept < 900
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = processes.run(command, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Continuing {output}: " in result.stdout + result.stderr
     assert output.read_text() == setup["reference"].read_text()  # each image once, in order
     assert len(read_csv(output)) == 900
     assert not list(tmp_path.glob("out.csv.*"))  # parts and record gone
     with pytest.raises(SystemExit) as again:
-        main(command[3:])
+        main(command)
     assert again.value.code == 2 and "exists and is complete" in capfd.readouterr().err
     assert output.read_text() == setup["reference"].read_text()  # untouched
 
@@ -85,8 +86,7 @@ def test_two_processes_continue_a_killed_run_and_merge(setup: dict[str, Path], t
     output = tmp_path / "out.csv"
     start_and_kill(predict_args(setup["base"], output), output, at_rows=50)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(predict_args(setup["base"], output, *DDP), capture_output=True, text=True, timeout=600,
-                            env=env, cwd=tmp_path)  # fmt: skip
+    result = processes.run_ddp(predict_args(setup["base"], output, *DDP), cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert output.read_text() == setup["reference"].read_text()
     # (An uninterrupted DDP predict writes the one-process file too: test_cli.py's DDP test.)

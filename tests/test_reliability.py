@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import processes
 from tests.conftest import COLORS, make_image_folder
-from tests.helpers import exit_code, fit_args, run_dirs
+from tests.helpers import exit_code, fit_args, fit_killed_while_saving, run_dirs
 from tl_project import main
 from tl_project.backbones import build_backbone
 
@@ -31,43 +31,18 @@ REPO = Path(__file__).resolve().parent.parent
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tl_project", *args]
-
-
-def run(command: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **env}
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment, timeout=timeout)
+def environment(**env: str) -> dict[str, str]:
+    """The tests' environment, quiet; tests.helpers importable (its callbacks, in DDP's second process too)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **env}
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-KILL_DURING_SAVE = """
-import io, os, signal, sys, torch
-from tl_project import main
-real_save = torch.save
-def save(obj, f, *args, **kwargs):
-    # Die halfway through writing epoch 1's last.ckpt, whatever file it is written to first.
-    if isinstance(obj, dict) and obj.get("epoch") == 1 and "last.ckpt" in str(getattr(f, "name", f)):
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *args, **kwargs)
-torch.save = save
-main(sys.argv[1:])
-"""
-
-
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(image_folder: Path, tmp_path: Path) -> None:
-    script = tmp_path / "kill_during_save.py"
-    script.write_text(KILL_DURING_SAVE)
     args = fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "3")
-    result = run([sys.executable, str(script), *args], cwd=tmp_path)
+    result = processes.run_call(fit_killed_while_saving, args, cwd=tmp_path, env=environment())
     assert result.returncode == -signal.SIGKILL
     last = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)  # whole, and loadable
@@ -111,14 +86,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path: Path) -> None
     # 288 training images in 36 batches of 8: a run that trains (at batch 2 BatchNorm blows up).
     root = make_image_folder(tmp_path / "images", COLORS, per_class=120)
     args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "50", "--data.batch_size", "8")
-    process = subprocess.Popen(
-        cli(*args),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    with (tmp_path / "fit.err").open("wb") as stderr:
+        process = processes.start(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr, env=environment())
     metrics = tmp_path / "runs" / "version_0" / "metrics.csv"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until the first epoch has ended and logged its loss
@@ -127,14 +96,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path: Path) -> None
         time.sleep(0.2)
     time.sleep(1.0)  # now in the middle of the second epoch
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
+    process.wait(timeout=120)
+    err = (tmp_path / "fit.err").read_text()
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "Stopped by SIGTERM" in err and "Traceback" not in err
     stopped = torch.load(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert stopped["global_step"] > stopped["epoch"] * 36  # saved mid-epoch: 36 steps an epoch
 
     resume = [*args, "--trainer.max_epochs", str(stopped["epoch"] + 2), "--ckpt_path", "last"]
-    result = run(cli(*resume), cwd=tmp_path)
+    result = processes.run(resume, cwd=tmp_path, env=environment())
     assert result.returncode == 0, result.stderr[-2000:]
     final = torch.load(run_dirs(tmp_path / "runs")[-1] / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] > stopped["global_step"] and final["epoch"] == stopped["epoch"] + 1
@@ -159,7 +129,7 @@ def test_failure_on_one_rank_ends_the_whole_job(image_folder: Path, tmp_path: Pa
         image_folder, tmp_path / "runs", "--trainer.max_epochs", "3", "--trainer.callbacks", "tests.helpers.FailOnRank"
     )
     start = time.monotonic()
-    result = run(cli(*args, *DDP), cwd=tmp_path, timeout=240)
+    result = processes.run([*args, *DDP], cwd=tmp_path, env=environment(), timeout=240)
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
     assert time.monotonic() - start < 240
@@ -173,7 +143,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_nodes_on_one_machine_over_loopback(image_folder: Path, tmp_path: Path) -> None:
-    args = cli(*fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1"))
+    args = fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1")
     args += [
         "--trainer.accelerator",
         "cpu",
@@ -184,21 +154,17 @@ def test_two_nodes_on_one_machine_over_loopback(image_folder: Path, tmp_path: Pa
         "--trainer.strategy",
         "ddp",
     ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    nodes = [
-        subprocess.Popen(
-            args,
-            cwd=tmp_path,
-            env={**env, "NODE_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=240) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    assert "Starting with 2 processes" in outputs[0][1] + outputs[0][0]
+    port = str(_free_port())
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with log.open("wb") as out:
+            env = environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank))
+            nodes.append(processes.start(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT))
+    codes = [node.wait(timeout=240) for node in nodes]
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "Starting with 2 processes" in outputs[0]
     assert (run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -21,6 +21,7 @@ import pytest
 import requests
 from PIL import Image
 
+from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import fit_args, read_csv, run_dirs
 from tl_project.cli import main
@@ -44,12 +45,16 @@ class Server:
         self.log = log
         self.headers = {"X-API-Key": api_key} if api_key else {}
         env = os.environ | ({"TL_PROJECT_SERVE__API_KEY": api_key} if api_key else {})
-        command = [sys.executable, "-m", "tl_project", "serve", *args, "--port", str(self.port)]
         # A script's background job (`serve ... &`) starts with SIGINT ignored.
-        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-        self.process = subprocess.Popen(
-            command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=log.parent, env=env, preexec_fn=ignore
-        )
+        with log.open("wb") as out:
+            self.process = processes.start(
+                ["serve", *args, "--port", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=log.parent,
+                env=env,
+                sigint_ignored=sigint_ignored,
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import ACCURACY_LINE, QUIET, RECORD_ENV, exit_code, read_csv, run_dirs
 from tl_project import main
@@ -138,20 +137,12 @@ def test_resume_from_last_repeats_and_skips_nothing(
 @pytest.mark.slow
 def test_ddp_fit_and_test_from_shards_count_each_test_image_once(shards: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    fit = [sys.executable, "-m", "tl_project", *_shards_args(shards, tmp_path / "runs"), *DDP]
-    result = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = processes.run_ddp([*_shards_args(shards, tmp_path / "runs"), *DDP], cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     last = str(run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt")
     test = ["test", "--ckpt_path", last, *QUIET, "--trainer.default_root_dir", str(tmp_path / "runs")]
     main(test)  # one process
-    result = subprocess.run(
-        [sys.executable, "-m", "tl_project", *test, *DDP],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
+    result = processes.run_ddp([*test, *DDP], cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(ACCURACY_LINE.findall(result.stdout)) == 1
     one, two = (read_csv(run / "metrics.csv")[-1] for run in run_dirs(tmp_path / "runs")[1:3])

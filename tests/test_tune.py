@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import QUIET, run_dirs
 from tl_project import main
@@ -81,9 +80,8 @@ def test_batch_size_search(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_tune_under_ddp(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
-    command = [sys.executable, "-m", "tl_project", *_tune_args(root, tmp_path / "runs"), *DDP]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = processes.run([*_tune_args(root, tmp_path / "runs"), *DDP], cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Suggested learning rate") == 1
     [run] = run_dirs(tmp_path / "runs")
