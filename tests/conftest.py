@@ -19,6 +19,12 @@ import os
 # and spinning ones slow the others down several times. Set before torch is imported; the
 # workers and every command a test starts inherit it. Results do not change (same threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist, the workers share the cores: torch's threads per process are the cores
+# divided among the workers (one each for `make test`'s two on two cores), not all cores each.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 
 import shutil
 import urllib.error
