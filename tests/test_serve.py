@@ -5,6 +5,8 @@ clients, SIGTERM/SIGINT, a worker restart, and the upload page in headless Chrom
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import os
 import shutil
@@ -24,6 +26,7 @@ from PIL import Image
 from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import fit_args, read_csv, run_dirs
+from tl_project import serve as serve_module
 from tl_project.cli import main
 
 pytestmark = pytest.mark.slow
@@ -266,6 +269,22 @@ def test_a_killed_server_leaves_no_process_and_frees_the_port(trained: dict[str,
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", server.port))
         s.listen()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_process_not_tied_to_the_main_one_says_so(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    class RefusingLibc:
+        def prctl(self, *args: object) -> int:
+            ctypes.set_errno(errno.EPERM)
+            return -1
+
+    monkeypatch.setattr(serve_module.ctypes, "CDLL", lambda *args, **kwargs: RefusingLibc())
+    serve_module.end_with(os.getppid())
+    err = capfd.readouterr().err
+    assert "could not ask Linux to end it with the main process" in err and os.strerror(errno.EPERM) in err
+    assert f"kill {os.getpid()}" in err
 
 
 def test_onnx_file_serves_the_same_answers_behind_a_key_and_stops_on_sigint(trained: dict[str, Path]) -> None:

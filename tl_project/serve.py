@@ -46,7 +46,7 @@ from tl_project.data.images import decode_image_bytes
 from tl_project.errors import UserError
 from tl_project.export import OnnxClassifier
 from tl_project.model import TransferLearningModel
-from tl_project.runtime import choose_precision, say, usable_cores
+from tl_project.runtime import choose_precision, say, usable_cores, warn
 from tl_project.transforms import Preprocessing, eval_transform, normalize
 
 TOP_K = 5
@@ -157,7 +157,13 @@ def end_with(parent: int) -> None:
     process of a server outlives its main process, holding the port and memory."""
     if not sys.platform.startswith("linux"):
         return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        warn(
+            f"Process {os.getpid()} of the server could not ask Linux to end it with the main process "
+            f"(prctl: {os.strerror(ctypes.get_errno())}): if the main process is killed with SIGKILL, "
+            f"end this one too (kill {os.getpid()})."
+        )
+        return
     if os.getppid() != parent:  # it ended before the signal was asked for
         os.kill(os.getpid(), signal.SIGTERM)
 
