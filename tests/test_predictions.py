@@ -74,6 +74,7 @@ def test_a_killed_predict_continues_to_the_uninterrupted_file(
     assert output.read_text() == setup["reference"].read_text()  # each image once, in order
     assert len(read_csv(output)) == 900
     assert not list(tmp_path.glob("out.csv.*"))  # parts and record gone
+    assert not (setup["base"] / "predict_runs").exists()  # --output FILE: no run folder
     with pytest.raises(SystemExit) as again:
         main(command)
     assert again.value.code == 2 and "exists and is complete" in capfd.readouterr().err
@@ -89,6 +90,7 @@ def test_two_processes_continue_a_killed_run_and_merge(setup: dict[str, Path], t
     result = processes.run_ddp(predict_args(setup["base"], output, *DDP), cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert output.read_text() == setup["reference"].read_text()
+    assert not (setup["base"] / "predict_runs").exists()
     # (An uninterrupted DDP predict writes the one-process file too: test_cli.py's DDP test.)
 
 

@@ -35,7 +35,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -179,7 +179,10 @@ class TransferLearningCLI(LightningCLI):
                 batchnorm_trains=self.model.batchnorm_trains,
             )
             say(f"Precision {kwargs['precision']}: {why} (set --trainer.precision to choose)")
-        if config.get("logger") in (None, True):
+        to_file = self.subcommand == "predict" and self.config["predict"].get("output")
+        if to_file and config.get("logger") in (None, True):
+            kwargs["logger"] = False  # predict --output FILE writes FILE (and its progress record) only
+        elif config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
             kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
         plugins = as_list(config.get("plugins"))
@@ -197,6 +200,8 @@ class TransferLearningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         if self.subcommand not in (None, "fit"):  # nothing trains, so nothing to checkpoint
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]  # type: ignore[attr-defined]
+        if to_file and not trainer.loggers:  # no run folder: its config.yaml would land in --trainer.default_root_dir
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]  # type: ignore[attr-defined]
         elif isinstance(trainer.checkpoint_callback, Checkpoint):
             last = trainer.checkpoint_callback.split_last()
             if last is not None:
