@@ -180,11 +180,12 @@ class TransferLearningCLI(LightningCLI):
             )
             say(f"Precision {kwargs['precision']}: {why} (set --trainer.precision to choose)")
         to_file = self.subcommand == "predict" and self.config["predict"].get("output")
-        if to_file and config.get("logger") in (None, True):
-            kwargs["logger"] = False  # predict --output FILE writes FILE (and its progress record) only
-        elif config.get("logger") in (None, True):
+        if config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
-            kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
+            # predict --output FILE writes FILE (and its progress record) only: no run folder.
+            kwargs["logger"] = (
+                False if to_file else CSVLogger(save_dir=config.get("default_root_dir") or "runs", name="")
+            )
         plugins = as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
@@ -200,12 +201,12 @@ class TransferLearningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         if self.subcommand not in (None, "fit"):  # nothing trains, so nothing to checkpoint
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]  # type: ignore[attr-defined]
-        if to_file and not trainer.loggers:  # no run folder: its config.yaml would land in --trainer.default_root_dir
-            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]  # type: ignore[attr-defined]
         elif isinstance(trainer.checkpoint_callback, Checkpoint):
             last = trainer.checkpoint_callback.split_last()
             if last is not None:
                 trainer.callbacks.append(last)  # type: ignore[attr-defined]  # after it: see split_last
+        if to_file and not trainer.loggers:  # no run folder: its config.yaml would land in --trainer.default_root_dir
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]  # type: ignore[attr-defined]
         return trainer
 
 
