@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import importlib
 import importlib.util
@@ -189,7 +190,7 @@ def run(
     args: Sequence[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """`python -m tl_project ARGS` to its end, as `subprocess.run(..., capture_output=True, text=True)`."""
-    return finish(lambda out, err: start(args, cwd=cwd, env=env, stdout=out, stderr=err), list(args), timeout)
+    return finish([functools.partial(start, args, cwd=cwd, env=env)], list(args), timeout)
 
 
 def run_ddp(
@@ -200,59 +201,54 @@ def run_ddp(
     NODE_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, so Lightning starts none itself. To its
     end: the first non-zero exit status (the others are then killed), every rank's output."""
     devices = int(args[list(args).index("--trainer.devices") + 1])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    base = {**(os.environ if env is None else env), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    base = {**(os.environ if env is None else env), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     base |= {"NODE_RANK": "0", "WORLD_SIZE": str(devices)}
-    with contextlib.ExitStack() as files:
-        outputs = [(files.enter_context(tempfile.TemporaryFile()), files.enter_context(tempfile.TemporaryFile()))
-                   for _ in range(devices)]  # fmt: skip
-        ranks = [
-            start(args, cwd=cwd, env={**base, "LOCAL_RANK": str(rank)}, stdout=out, stderr=err)
-            for rank, (out, err) in enumerate(outputs)
-        ]
-        deadline = time.monotonic() + timeout
-        try:
-            while (codes := [rank.poll() for rank in ranks]).count(None) and not any(codes):
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(list(args), timeout)
-                time.sleep(0.05)
-        finally:
-            for rank in ranks:
-                if rank.poll() is None:
-                    rank.kill()
-                    rank.wait()
-        code = next((code for code in codes if code), 0)
-        text = []
-        for index in (0, 1):
-            for streams in outputs:
-                streams[index].seek(0)
-            text.append("".join(streams[index].read().decode(errors="replace") for streams in outputs))
-    return subprocess.CompletedProcess(list(args), code, text[0], text[1])
+    starters = [
+        functools.partial(start, args, cwd=cwd, env={**base, "LOCAL_RANK": str(rank)}) for rank in range(devices)
+    ]
+    return finish(starters, list(args), timeout)
 
 
 def run_call(function: Callable[..., Any], *args: Any, cwd: Path | str | None = None,
              env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """`function(*args)` to its end, as `run`."""
-    starter = lambda out, err: start_call(function, *args, cwd=cwd, env=env, stdout=out, stderr=err)  # noqa: E731
-    return finish(starter, [function.__qualname__, *map(str, args)], timeout)
+    starter = functools.partial(start_call, function, *args, cwd=cwd, env=env)
+    return finish([starter], [function.__qualname__, *map(str, args)], timeout)
 
 
 def finish(
-    starter: Callable[[IO[bytes], IO[bytes]], Process], command: list[str], timeout: float
+    starters: Sequence[Callable[..., Process]], command: list[str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = starter(out, err)
+    """Start a process with each starter (called with `stdout=` and `stderr=` temporary files)
+    and wait for all of them: the first non-zero exit status ends the others. Their outputs,
+    one after the other, as `subprocess.run(..., capture_output=True, text=True)` gives one's."""
+    with contextlib.ExitStack() as files:
+        outputs = [[files.enter_context(tempfile.TemporaryFile()) for _ in "oe"] for _ in starters]
+        started = [starter(stdout=out, stderr=err) for starter, (out, err) in zip(starters, outputs, strict=True)]
+        deadline = time.monotonic() + timeout
         try:
-            code = process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
-        out.seek(0), err.seek(0)
-        text = [stream.read().decode(errors="replace") for stream in (out, err)]
-    return subprocess.CompletedProcess(command, code, text[0], text[1])
+            while (codes := [process.poll() for process in started]).count(None) and not any(codes):
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(command, timeout)
+                time.sleep(0.05)
+        finally:
+            for process in started:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        text = []
+        for index in (0, 1):  # stdout, stderr
+            for streams in outputs:
+                streams[index].seek(0)
+            text.append("".join(streams[index].read().decode(errors="replace") for streams in outputs))
+    return subprocess.CompletedProcess(command, next((code for code in codes if code), 0), text[0], text[1])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 # --- the server ---------------------------------------------------------------------------

@@ -135,12 +135,6 @@ def test_failure_on_one_rank_ends_the_whole_job(image_folder: Path, tmp_path: Pa
     assert time.monotonic() - start < 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_on_one_machine_over_loopback(image_folder: Path, tmp_path: Path) -> None:
     args = fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1")
@@ -154,7 +148,7 @@ def test_two_nodes_on_one_machine_over_loopback(image_folder: Path, tmp_path: Pa
         "--trainer.strategy",
         "ddp",
     ]
-    port = str(_free_port())
+    port = str(processes.free_port())
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     nodes = []
     for rank, log in enumerate(logs):

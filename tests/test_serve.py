@@ -33,17 +33,11 @@ pytestmark = pytest.mark.slow
 START_TIMEOUT = 180  # seconds: imports, a spawned worker, the model loaded and warmed up
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """`python -m tl_project serve ARGS` in a subprocess, ready when /health answers 200."""
 
     def __init__(self, log: Path, *args: str, api_key: str | None = None, sigint_ignored: bool = False) -> None:
-        self.port = free_port()
+        self.port = processes.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.headers = {"X-API-Key": api_key} if api_key else {}
