@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from huggingface_hub import constants as hf_constants
 from PIL import Image
 
 from tl_project.backbones import hub_file
@@ -83,11 +84,17 @@ PRECISION_VARIABLES = [
 
 
 def use_temporary_caches(patch: pytest.MonkeyPatch, factory: pytest.TempPathFactory) -> Path:
-    """An empty torch cache and data-check cache (for the manifests) under the run's temporary
-    folder; the torch cache's path."""
+    """An empty torch cache, Hugging Face hub cache (timm's, offline: no request leaves) and
+    data-check cache (for the manifests) under the run's temporary folder; the torch cache's path."""
     torch_home = factory.mktemp("torch_home")
     patch.setenv("TORCH_HOME", str(torch_home))
     patch.setenv("XDG_CACHE_HOME", str(factory.mktemp("cache")))
+    hub = factory.mktemp("hf_hub")
+    patch.setenv("HF_HUB_CACHE", str(hub))
+    patch.setenv("HF_HUB_OFFLINE", "1")  # for processes the tests start
+    # huggingface_hub read its environment when imported: set what it reads at call time.
+    patch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
+    patch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     return torch_home
 
 

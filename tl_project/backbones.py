@@ -1,25 +1,29 @@
-"""Build a torchvision classifier from (name, weights) and cut off its final layer.
+"""Build a classifier from (name, weights) and cut off its final layer.
 
 `build_backbone` returns the network without its classification layer (that layer
 becomes `nn.Identity`, so the network outputs features) and the number of
-features, read from the layer it removed. `weights` is one of:
+features, read from the model. `name` is a torchvision classification model, or
+`timm/NAME[.TAG]` for any timm model (`timm_backbones.py`). `weights` is one of:
 
-- a torchvision weights name of that model (`IMAGENET1K_V2`, `DEFAULT`, ...),
-  loaded through torchvision's own cache (`$TORCH_HOME/hub/checkpoints/`);
-- a path to a torchvision-format state_dict (`.pth`/`.pt`), whatever its head;
+- a weights name of that model: torchvision's (`IMAGENET1K_V2`, `DEFAULT`, ...), loaded
+  through torchvision's own cache (`$TORCH_HOME/hub/checkpoints/`), or for timm `DEFAULT`
+  or a pretrained tag, through timm's;
+- a path to a state_dict of that model (`.pth`/`.pt`/`.bin`, or `.safetensors`), whatever its head;
 - a path to a tl_project `.ckpt`: its backbone is reused, its head dropped;
 - `None` for random initialisation.
 
-Every file is read with `weights_only=True`. Nothing falls back: weights that
-cannot be had raise `UserError` with the file that is missing and the alternatives.
+Every file is read with `weights_only=True` (or as safetensors). Nothing falls back: weights
+that cannot be had raise `UserError` with the file that is missing and the alternatives.
+An unknown name gets the closest known ones.
 
 `weights_preprocessing` gives the input preprocessing that goes with the weights:
-the torchvision preset of a weights name, the saved one of a tl_project checkpoint,
-ImageNet's classic preset otherwise.
+the torchvision preset of a weights name, timm's pretrained config of a timm model, the
+saved one of a tl_project checkpoint, ImageNet's classic preset otherwise.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,12 +32,13 @@ import torch
 import torchvision
 from torch import nn
 
+from tl_project import timm_backbones
 from tl_project.checkpoints import load_trusted
 from tl_project.errors import UserError
 from tl_project.runtime import say
 from tl_project.transforms import IMAGENET, Preprocessing
 
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 # Auxiliary classifiers that only exist to add training losses; we train one head.
 AUX_HEADS = ("AuxLogits", "aux1", "aux2")
 
@@ -62,7 +67,7 @@ def find_head(model: nn.Module) -> tuple[str, nn.Linear]:
         raise UserError(
             f"{type(model).__name__} has no final nn.Linear layer to replace. "
             "Choose a backbone whose classifier ends in a Linear layer (e.g. resnet50, "
-            "efficientnet_b0, convnext_tiny, vit_b_16)."
+            "efficientnet_b0, convnext_tiny), or a timm model (timm/NAME)."
         )
     return linears[-1]
 
@@ -72,16 +77,37 @@ def _replace(model: nn.Module, name: str, module: nn.Module | None) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
-    """Torchvision model `name` with `weights`, final layer replaced by `nn.Identity`.
+def check_name(name: str) -> None:
+    """A torchvision classification model or `timm/NAME[.TAG]`; otherwise the closest names."""
+    if timm_backbones.is_timm(name):
+        timm_backbones.split_name(name)
+        return
+    if name in classification_models():
+        return
+    known = classification_models() + [timm_backbones.PREFIX + n for n in timm_backbones.architectures()]
+    # A timm name without its prefix is matched as written too.
+    by_bare = {k.removeprefix(timm_backbones.PREFIX): k for k in reversed(known)}
+    close = [by_bare[c] for c in difflib.get_close_matches(name, list(by_bare), n=5, cutoff=0.6)]
+    hint = f"Did you mean {', '.join(close)}?" if close else "No known model has a close name."
+    timm_note = "" if timm_backbones.timm else f" (timm's models need the timm extra: {timm_backbones.INSTALL})"
+    raise UserError(
+        f"Unknown backbone {name!r}. {hint} Pass a torchvision classification model (resnet50, "
+        f"efficientnet_b0, convnext_tiny, ...) or timm/NAME for a timm model{timm_note}."
+    )
 
-    Returns the model and `in_features` of the layer it replaced.
+
+def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
+    """Model `name` with `weights`, without its final layer (`nn.Identity` in its place).
+
+    Returns the model and the width of its features (`in_features` of the new head).
     """
-    if name not in classification_models():
-        raise UserError(
-            f"Unknown backbone {name!r}. Choose a torchvision classification model: "
-            + ", ".join(classification_models())
-        )
+    check_name(name)
+    if timm_backbones.is_timm(name):
+        file = weights if weights is not None and is_weights_path(weights) else None
+        model, in_features = timm_backbones.build(name, None if file else weights)
+        if file:  # its classifier, whatever its number of classes, is dropped
+            _load_backbone_state(model, read_weights_file(file, name), timm_backbones.classifier_prefixes(model), file)
+        return model, in_features
     state_dict = None
     if weights is None:
         model = torchvision.models.get_model(name, weights=None)
@@ -95,7 +121,10 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
     _replace(model, head_name, nn.Identity())
     _drop_aux_heads(model)
     if state_dict is not None:
-        _load_backbone_state(model, state_dict, head_name, weights or "")
+        # A torchvision-format file still carries its old head (and aux heads): dropped, whatever
+        # their number of classes.
+        skip = (f"{head_name}.", *(f"{aux}." for aux in AUX_HEADS))
+        _load_backbone_state(model, state_dict, skip, weights or "")
     return model, head.in_features
 
 
@@ -109,14 +138,37 @@ def _drop_aux_heads(model: nn.Module) -> None:
 
 
 def weights_preprocessing(name: str, weights: str | None) -> Preprocessing:
-    """The preprocessing the network was trained with, as far as `weights` tells it."""
-    if weights is None:
-        return IMAGENET
-    if is_weights_path(weights):
-        content = load_trusted(Path(weights).expanduser(), what="weights file") if Path(weights).is_file() else None
+    """The preprocessing the network was trained with, as far as `weights` tells it; for a timm
+    model, its pretrained config's."""
+    if weights is not None and Path(weights).suffix == ".ckpt" and Path(weights).is_file():
+        content = load_trusted(Path(weights).expanduser(), what="weights file")
         saved = content.get("hyper_parameters", {}).get("preprocessing") if isinstance(content, Mapping) else None
-        return Preprocessing.from_dict(saved) if saved else IMAGENET
+        if saved:
+            return Preprocessing.from_dict(saved)
+    if timm_backbones.is_timm(name):
+        tag = timm_backbones.pretrained_tag(name, weights) if weights and not is_weights_path(weights) else None
+        return timm_backbones.preprocessing(name, tag)
+    if weights is None or is_weights_path(weights):
+        return IMAGENET
     return Preprocessing.of_weights(_weights_enum(name, weights))
+
+
+def fixed_input_size(model: nn.Module) -> int | None:
+    """The one image size `model` takes, if it takes only one (ViTs' position embeddings)."""
+    if isinstance(model, torchvision.models.VisionTransformer):
+        return int(model.image_size)
+    return timm_backbones.fixed_input_size(model)
+
+
+def check_input_size(model: nn.Module, backbone: str, image_size: int) -> None:
+    """Refuse an image size that the backbone cannot take, before anything runs."""
+    size = fixed_input_size(model)
+    if size is not None and size != image_size:
+        raise UserError(
+            f"Backbone {backbone} takes {size} px images only, and --data.image_size is {image_size}. "
+            f"Pass --data.image_size {size}, or choose a backbone that takes any size (resnet50, "
+            "efficientnet_b0, convnext_tiny, ...)."
+        )
 
 
 def _weights_enum(name: str, weights_name: str) -> torchvision.models.WeightsEnum:
@@ -163,13 +215,16 @@ def _pretrained(name: str, weights_name: str) -> nn.Module:
 
 
 def read_weights_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
-    """The state_dict in `path`: a torchvision-format file, or the backbone of a tl_project checkpoint."""
+    """The state_dict in `path`: a state_dict file of the model (`.safetensors` too), or the
+    backbone of a tl_project checkpoint."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(
-            f"Weights file {path} does not exist. Pass an existing .pth/.pt/.ckpt file, "
-            "a torchvision weights name, or null."
+            f"Weights file {path} does not exist. Pass an existing .pth/.pt/.safetensors/.ckpt file, "
+            "a weights name, or null."
         )
+    if file.suffix == ".safetensors":
+        return read_safetensors(file)
     content = load_trusted(file, what="weights file")
     if isinstance(content, Mapping) and "state_dict" in content and "hyper_parameters" in content:
         saved = content["hyper_parameters"].get("backbone")
@@ -188,10 +243,10 @@ def read_weights_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
     )
 
 
-def _load_backbone_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], head_name: str, source: str) -> None:
-    # A torchvision-format file still carries its old head (and aux heads): drop them,
-    # whatever their number of classes.
-    skip = (f"{head_name}.", *(f"{aux}." for aux in AUX_HEADS))
+def _load_backbone_state(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], skip: tuple[str, ...], source: str
+) -> None:
+    """`state_dict` less the keys under the `skip` prefixes (the old head) into `model`: all of it must fit."""
     state = {k: v for k, v in state_dict.items() if not k.startswith(skip)}
     fix = "Pass weights saved from the same architecture, or the matching --model.backbone."
     try:
@@ -203,3 +258,17 @@ def _load_backbone_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             f"Weights in {source} do not fit {type(model).__name__}: {len(missing)} missing keys "
             f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}. {fix}"
         )
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file (safetensors holds tensors only: nothing to run)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(
+            f"{file} is a safetensors file, and the safetensors package is not installed. Fix: {timm_backbones.INSTALL}"
+        ) from None
+    try:
+        return load_file(str(file))
+    except Exception as error:
+        raise UserError(f"{file} is not a readable safetensors file ({error}).") from None

@@ -40,6 +40,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tl_project.backbones import check_input_size
 from tl_project.callbacks import Checkpoint, DivergenceGuard, FitSummary, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
@@ -170,6 +171,8 @@ class TransferLearningCLI(LightningCLI):
         """The Trainer, with what tl_project adds to the config's: the precision chosen for this
         run when none was given (`runtime.py`), a new runs/version_N/ folder, atomic checkpoint
         writes, and the callbacks of this command."""
+        # Before any run folder exists: an image size the backbone cannot take fails here, not mid-epoch.
+        check_input_size(self.model.backbone, self.model.hparams["backbone"], self.datamodule.image_size)
         config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer") or {}
         if config.get("precision") is None and "precision" not in kwargs:  # an explicit one always wins
             kwargs["precision"], why = choose_precision(

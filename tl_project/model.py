@@ -1,7 +1,7 @@
 """TransferLearningModel: a pretrained backbone, a new linear head, one shared step.
 
-The backbone is a torchvision classifier whose final layer became `nn.Identity`
-(see `backbones.py`); the head is a fresh `Linear(in_features, num_classes)`. What trains
+The backbone is a torchvision or timm classifier without its final layer (see
+`backbones.py`); the head is a fresh `Linear(in_features, num_classes)`. What trains
 when (`finetune` full / head / gradual, `freeze_batchnorm`) is the fine-tune policy of
 `finetune.py`; the recipe's parts (schedule, MixUp/CutMix, class weights) are in
 `recipe.py`; the divergence guard is a callback of fit's Trainer (`callbacks.py`).
@@ -71,7 +71,7 @@ def check_options(
 
 
 class TransferLearningModel(L.LightningModule):
-    """A pretrained torchvision backbone with a new classification head."""
+    """A pretrained torchvision or timm backbone with a new classification head."""
 
     def __init__(
         self,
@@ -100,14 +100,14 @@ class TransferLearningModel(L.LightningModule):
         Args:
             num_classes: Number of classes (linked from the data).
             class_names: Class names in label order (linked from the data); saved in checkpoints.
-            backbone: A torchvision classification model name, e.g. resnet50, efficientnet_b0, convnext_tiny.
-            weights: A torchvision weights name (IMAGENET1K_V2, DEFAULT, ...), a .pth/.pt state_dict or a tl_project .ckpt path, or null for random init.
+            backbone: A torchvision classification model name (resnet50, efficientnet_b0, convnext_tiny, ...), or timm/NAME[.TAG] for any timm model (the timm extra).
+            weights: A weights name (torchvision's IMAGENET1K_V2, DEFAULT, ...; for timm DEFAULT or a pretrained tag), a .pth/.pt/.safetensors state_dict or a tl_project .ckpt path, or null for random init.
             finetune: full trains every layer; head freezes the backbone (BatchNorm statistics included); gradual trains the head first, then everything.
             unfreeze_at_epoch: With finetune gradual: the epoch (from 0) at which the backbone starts training.
             backbone_lr_factor: With finetune gradual: the backbone's learning rate relative to the head's.
             label_smoothing: Label smoothing of the cross-entropy loss, 0 for none.
             freeze_batchnorm: Keep the backbone's BatchNorm statistics fixed (eval mode) while it trains; for batches under 16 images per device.
-            preprocessing: The input preprocessing (crop_pct, interpolation, mean, std); null takes the weights' own (torchvision's preset of a weights name), else ImageNet's classic one. Saved resolved in checkpoints.
+            preprocessing: The input preprocessing (crop_pct, interpolation, mean, std); null takes the weights' own (torchvision's preset of a weights name, timm's pretrained config of a timm model), else ImageNet's classic one. Saved resolved in checkpoints.
             channels_last: Run convolutions in channels-last memory format (faster on most CPUs and GPUs).
             cache_features: With finetune head and data.augment false: compute the frozen backbone's features once, before the first epoch, and train the head on them.
             compile: Compile the backbone with torch.compile (minutes of compiling first; see README, Performance).
