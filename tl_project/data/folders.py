@@ -67,7 +67,13 @@ def folder_splits(root: Path | None, class_names: list[str], val_split: float, t
     """(path, label) samples of train, val and test from the image folder."""
     dirs = split_dirs(root)
     samples = {split: folder_samples(folder, class_names, split == "train") for split, folder in dirs.items()}
-    # Splits without a folder of their own are carved out of train.
+    return carve(samples, val_split, test_split, seed)
+
+
+def carve(samples: Splits, val_split: float, test_split: float, seed: int) -> Splits:
+    """`samples` with val and test, where they have no entry of their own, carved out of train by
+    fraction (stratified by class, deterministic from `seed`)."""
+    samples = dict(samples)
     carve = [s for s in ("val", "test") if s not in samples]
     fractions = [val_split if s == "val" else test_split for s in carve]
     train = samples["train"]
