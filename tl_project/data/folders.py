@@ -20,6 +20,11 @@ Splits = dict[str, list[tuple[str, int]]]
 
 def split_dirs(root: Path | None) -> dict[str, Path]:
     """The folders of the splits that have one: `root/train` etc., or `root` alone as train."""
+    if root is not None and root.is_file():
+        raise UserError(
+            f"--data.root {root} is a file, not a folder. For a CSV of labels pass --data.labels {root} "
+            "(and --data.root the folder its paths start from); otherwise pass the image folder."
+        )
     if root is None or not root.is_dir():
         raise UserError(
             f"Image folder {root} does not exist. Pass --data.root DIR with "

@@ -91,6 +91,7 @@ class ImageDataModule(L.LightningDataModule):
         folds: int = 0,
         fold: int = 0,
         exclude: str | None = None,
+        labels: str | None = None,
     ) -> None:
         """
         Args:
@@ -115,11 +116,12 @@ class ImageDataModule(L.LightningDataModule):
             folds: Cross-validation: split train and validation images together into this many stratified folds (from seed); 0 for none. The test set is never touched.
             fold: With folds: the fold that validates; the others train.
             exclude: A file listing images to leave out of training and validation, never out of test: a label_issues.csv from cv, a CSV with a path column, or one path per line. The checkpoint records which were left out.
+            labels: A CSV of images and labels instead of class folders: columns path (or file_name; relative to root), label, and optionally split (train/val/test, used instead of the random split). Needs dataset null.
         """
         super().__init__()
         self.save_hyperparameters()
         check_options(val_split, test_split, batch_size, image_size, min_crop_scale, folds, fold)
-        self.source = make_source(dataset, root, download, balance, folds, exclude)
+        self.source = make_source(dataset, root, download, balance, folds, exclude, labels)
         self.dataset, self.predict_dir = dataset, predict_dir
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size, self._num_workers, self.balance = batch_size, num_workers, balance  # the loaders

@@ -7,6 +7,8 @@ the predict folder are here (`usable_samples`, `predict_folder`).
 
 - `NamedSource`: a torchvision dataset by name, held in memory; its official test split.
 - `FolderSource`: `root/<class>/*` or `root/{train,val,test}/<class>/*`, checked first.
+- `TableSource`: the images and labels a CSV lists (`--data.labels`, `table.py`), checked as a
+  folder's are.
 - `ShardSource`: LitData shards written by `python -m tl_project optimize`, streamed.
 """
 
@@ -20,10 +22,11 @@ from torch.utils.data import DataLoader
 from tl_project.data.checks import usable
 from tl_project.data.datasets import FolderDataset, ImageDataset, PredictDataset, TensorImageDataset
 from tl_project.data.exclude import image_key, without_excluded
-from tl_project.data.folders import Splits, folder_classes, folder_splits, predict_paths
+from tl_project.data.folders import Splits, carve, folder_classes, folder_splits, predict_paths
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, fold_split, stratified_split
 from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, is_url, read_meta, shard_loader, shard_split
+from tl_project.data.table import check_training_images, read_table, table_classes
 from tl_project.errors import UserError, class_mismatch
 from tl_project.transforms import CropSampler
 
@@ -108,10 +111,14 @@ class FolderSource:
     def prepare(self) -> None:
         pass
 
+    def samples(self, data: ImageDataModule) -> Splits:
+        """(path, label) samples of train, val and test, before folds and exclusions."""
+        return folder_splits(self.root, data.class_names, data.val_split, data.test_split, data.seed)
+
     def splits(self, data: ImageDataModule, exclude: bool = True) -> Splits:
         """(path, label) samples of train, val and test; with `folds`, train and val are the
         cross-validation fold's; without the images of `--data.exclude` in train and val."""
-        splits = folder_splits(self.root, data.class_names, data.val_split, data.test_split, data.seed)
+        splits = self.samples(data)
         if exclude and data.exclusion and data.exclusion.keys:  # after the test split is carved: it stays
             dropped: list[tuple[str, int]] = []
             for split in ("train", "val"):
@@ -135,6 +142,31 @@ class FolderSource:
         return {
             split: tolerant(data, FolderDataset(samples[split], data.transform(split), data.seed)) for split in splits
         }
+
+
+class TableSource(FolderSource):
+    """The images and labels of a CSV (`table.py`): its split column, where it has one, decides
+    the splits; a split with no row is carved out of train, as for a folder."""
+
+    def __init__(self, labels: str, root: Path | None) -> None:
+        super().__init__(root)
+        self.file = Path(labels).expanduser()
+
+    def classes(self, expected: list[str] | None) -> list[str]:
+        if not self.file.is_file() and expected is not None:
+            return list(expected)  # predict where the training table is gone: checked when read
+        rows = read_table(self.file, self.root)
+        found = table_classes(rows)
+        check_training_images(rows, found, self.file)
+        return checked_classes(expected, found, f" in {self.file}")
+
+    def samples(self, data: ImageDataModule) -> Splits:
+        index = {name: label for label, name in enumerate(data.class_names)}
+        grouped: Splits = {}
+        for row in read_table(self.file, self.root):
+            grouped.setdefault(row.split or "train", []).append((row.path, index[row.label]))
+        grouped.setdefault("train", [])
+        return carve(grouped, data.val_split, data.test_split, data.seed)
 
 
 class ShardSource:
@@ -218,13 +250,26 @@ def predict_folder(data: ImageDataModule) -> ImageDataset:
     return tolerant(data, PredictDataset([p for p, _ in found["predict"]], data.transform("predict")))
 
 
-Source = NamedSource | FolderSource | ShardSource
+Source = NamedSource | FolderSource | TableSource | ShardSource
 
 
 def make_source(
-    dataset: str | None, root: str | None, download: bool, balance: str, folds: int, exclude: str | None = None
+    dataset: str | None,
+    root: str | None,
+    download: bool,
+    balance: str,
+    folds: int,
+    exclude: str | None = None,
+    labels: str | None = None,
 ) -> Source:
-    """The source `--data.dataset` names: a torchvision name, litdata, or null for a folder."""
+    """The source `--data.dataset` names: a torchvision name, litdata, or null for a folder
+    (or the CSV of `--data.labels`)."""
+    if labels is not None:
+        if dataset is not None:
+            raise UserError(
+                f"--data.labels reads images and labels from a CSV; pass --data.dataset null with it (not {dataset})."
+            )
+        return TableSource(labels, Path(root).expanduser() if root is not None else None)
     if dataset == LITDATA:
         return ShardSource(root, balance, folds, exclude)
     path = Path(root).expanduser() if root is not None else None
