@@ -56,6 +56,19 @@ def test_leakage_across_split_folders(tmp_path: Path) -> None:
     assert "Class imbalance" in report.format(data.class_names)
 
 
+def test_one_image_in_two_class_folders_has_conflicting_labels_and_stops_fit(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=6)
+    shutil.copy(root / "cat" / "003.png", root / "dog" / "also_a_dog.png")
+    data = _data(root)
+    [conflict] = data.check(data.folder_splits(), data.class_names).problems
+    assert conflict.kind == "conflicting labels" and Path(conflict.path).name in ("003.png", "also_a_dog.png")
+    assert "labelled" in conflict.detail and "cat" in conflict.detail and "dog" in conflict.detail
+    assert exit_code(fit_args(root, tmp_path / "runs")) == 2
+    assert "conflicting labels" in capfd.readouterr().err
+
+
 def test_oversized_image_is_refused_without_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "big.png"
     Image.new("RGB", (100, 100)).save(path)

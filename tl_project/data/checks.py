@@ -4,7 +4,9 @@ Problems make an image unusable and fall under `data.on_bad_image`:
 - `empty`: a zero-byte file;
 - `too large`: more pixels than the limit (a decompression bomb is refused from its
   header, never decoded);
-- `unreadable`: corrupt or truncated, or not an image at all.
+- `unreadable`: corrupt or truncated, or not an image at all;
+- `conflicting labels`: the same bytes under two labels (an image put in two class
+  folders, or listed twice in a labels CSV under two names): one image with two answers.
 
 Warnings do not stop anything but are worth knowing:
 - `extension`: the content is another format than the extension says;
@@ -257,18 +259,18 @@ def make_report(
     """The report of the `checked` splits from what is `known` about their files (and the others')."""
 
     report = DataReport(level=level)
-    # Content seen so far: the unchecked splits' known hashes first, for leakage.
-    seen: dict[str, tuple[str, str]] = {}
+    # Content seen so far (split, path, label): the unchecked splits' known hashes first, for leakage.
+    seen: dict[str, tuple[str, str, int]] = {}
     for split in splits:
         if split not in checked:
-            for path, _ in splits[split]:
+            for path, label in splits[split]:
                 digest = known[path].digest if path in known else None
                 if digest:
-                    seen.setdefault(digest, (split, path))
+                    seen.setdefault(digest, (split, path, label))
     for split in checked:
         labels = Counter(label for _, label in splits[split])
         report.counts[split] = {class_names[label]: labels[label] for label in sorted(labels)}
-        for path, _ in splits[split]:
+        for path, label in splits[split]:
             problem, warning = known[path].findings(path, max_pixels)
             if problem:
                 report.problems.append(problem)
@@ -279,11 +281,21 @@ def make_report(
             if digest is None:
                 continue
             if digest not in seen:
-                seen[digest] = (split, path)
-            elif seen[digest][0] == split:
-                report.warnings.append(Finding("duplicate", path, f"same content as {seen[digest][1]}"))
+                seen[digest] = (split, path, label)
+                continue
+            first_split, first, first_label = seen[digest]
+            if first_label != label:
+                report.problems.append(
+                    Finding(
+                        "conflicting labels",
+                        path,
+                        f"labelled {class_names[label]}, and the same content {first} labelled "
+                        f"{class_names[first_label]}: keep one",
+                    )
+                )
+            elif first_split == split:
+                report.warnings.append(Finding("duplicate", path, f"same content as {first}"))
             else:
-                first_split, first = seen[digest]
                 report.warnings.append(Finding("leakage", path, f"({split}) same content as {first} ({first_split})"))
     return report
 
