@@ -17,7 +17,10 @@ from tests.helpers import QUIET, exit_code, read_csv, run_dirs
 from tl_project import main, timm_backbones
 from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
+from tl_project.data.images import load_image
 from tl_project.errors import UserError
+from tl_project.serve import Classifier
+from tl_project.transforms import eval_transform
 
 TINY = "timm/test_efficientnet"  # 0.36 M parameters, BatchNorm, any input size
 
@@ -172,6 +175,22 @@ def test_predict_export_and_predict_from_onnx_agree(timm_run: dict[str, Path], t
     assert [r["prediction"] for r in torch_rows] == [r["prediction"] for r in onnx_rows]
     for a, b in zip(torch_rows, onnx_rows, strict=True):
         assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-4)
+
+
+def test_serve_answers_as_predict_from_a_timm_checkpoint(timm_run: dict[str, Path], tmp_path: Path) -> None:
+    """The model `serve` loads (checkpoint and .onnx) gives predict's probabilities."""
+    images = sorted((timm_run["root"] / "fish").glob("*.png"))
+    main(["predict", "--ckpt_path", str(timm_run["ckpt"]), "--data.predict_dir", str(timm_run["root"] / "fish"),
+          "--output", str(tmp_path / "p.csv"), *QUIET])  # fmt: skip
+    expected = {row["path"]: float(row["probability"]) for row in read_csv(tmp_path / "p.csv")}
+    main(["export", "--ckpt_path", str(timm_run["ckpt"]), "--output", str(tmp_path / "m.onnx")])
+    for path in (str(timm_run["ckpt"]), str(tmp_path / "m.onnx")):
+        served = Classifier(path, "cpu")
+        assert served.backbone == TINY
+        batch = torch.stack([eval_transform(served.image_size, served.preprocessing)(load_image(p)) for p in images])
+        top = served.probabilities(batch).max(dim=1).values
+        for image, probability in zip(images, top.tolist(), strict=True):
+            assert probability == pytest.approx(expected[str(image)], abs=1e-4)
 
 
 def test_a_timm_checkpoint_is_a_backbone_for_the_next_fit(timm_run: dict[str, Path], tmp_path: Path) -> None:
