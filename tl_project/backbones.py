@@ -32,10 +32,22 @@ import torch
 import torchvision
 from torch import nn
 
-from tl_project import timm_backbones
 from tl_project.checkpoints import load_trusted
 from tl_project.errors import UserError
 from tl_project.runtime import say
+from tl_project.timm_backbones import (
+    INSTALL,
+    PREFIX,
+    architectures,
+    classifier_prefixes,
+    is_timm,
+    pretrained_tag,
+    split_name,
+    timm_available,
+)
+from tl_project.timm_backbones import build as build_timm
+from tl_project.timm_backbones import fixed_input_size as timm_fixed_input_size
+from tl_project.timm_backbones import preprocessing as timm_preprocessing
 from tl_project.transforms import IMAGENET, Preprocessing
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
@@ -79,17 +91,17 @@ def _replace(model: nn.Module, name: str, module: nn.Module | None) -> None:
 
 def check_name(name: str) -> None:
     """A torchvision classification model or `timm/NAME[.TAG]`; otherwise the closest names."""
-    if timm_backbones.is_timm(name):
-        timm_backbones.split_name(name)
+    if is_timm(name):
+        split_name(name)
         return
     if name in classification_models():
         return
-    known = classification_models() + [timm_backbones.PREFIX + n for n in timm_backbones.architectures()]
+    known = classification_models() + [PREFIX + n for n in architectures()]
     # A timm name without its prefix is matched as written too.
-    by_bare = {k.removeprefix(timm_backbones.PREFIX): k for k in reversed(known)}
+    by_bare = {k.removeprefix(PREFIX): k for k in reversed(known)}
     close = [by_bare[c] for c in difflib.get_close_matches(name, list(by_bare), n=5, cutoff=0.6)]
     hint = f"Did you mean {', '.join(close)}?" if close else "No known model has a close name."
-    timm_note = "" if timm_backbones.timm else f" (timm's models need the timm extra: {timm_backbones.INSTALL})"
+    timm_note = "" if timm_available() else f" (timm's models need the timm extra: {INSTALL})"
     raise UserError(
         f"Unknown backbone {name!r}. {hint} Pass a torchvision classification model (resnet50, "
         f"efficientnet_b0, convnext_tiny, ...) or timm/NAME for a timm model{timm_note}."
@@ -102,11 +114,11 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
     Returns the model and the width of its features (`in_features` of the new head).
     """
     check_name(name)
-    if timm_backbones.is_timm(name):
+    if is_timm(name):
         file = weights if weights is not None and is_weights_path(weights) else None
-        model, in_features = timm_backbones.build(name, None if file else weights)
+        model, in_features = build_timm(name, None if file else weights)
         if file:  # its classifier, whatever its number of classes, is dropped
-            _load_backbone_state(model, read_weights_file(file, name), timm_backbones.classifier_prefixes(model), file)
+            _load_backbone_state(model, read_weights_file(file, name), classifier_prefixes(model), file)
         return model, in_features
     state_dict = None
     if weights is None:
@@ -145,9 +157,9 @@ def weights_preprocessing(name: str, weights: str | None) -> Preprocessing:
         saved = content.get("hyper_parameters", {}).get("preprocessing") if isinstance(content, Mapping) else None
         if saved:
             return Preprocessing.from_dict(saved)
-    if timm_backbones.is_timm(name):
-        tag = timm_backbones.pretrained_tag(name, weights) if weights and not is_weights_path(weights) else None
-        return timm_backbones.preprocessing(name, tag)
+    if is_timm(name):
+        tag = pretrained_tag(name, weights) if weights and not is_weights_path(weights) else None
+        return timm_preprocessing(name, tag)
     if weights is None or is_weights_path(weights):
         return IMAGENET
     return Preprocessing.of_weights(_weights_enum(name, weights))
@@ -157,7 +169,7 @@ def fixed_input_size(model: nn.Module) -> int | None:
     """The one image size `model` takes, if it takes only one (ViTs' position embeddings)."""
     if isinstance(model, torchvision.models.VisionTransformer):
         return int(model.image_size)
-    return timm_backbones.fixed_input_size(model)
+    return timm_fixed_input_size(model)
 
 
 def check_input_size(model: nn.Module, backbone: str, image_size: int) -> None:
@@ -266,7 +278,7 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
     except ImportError:
         raise UserError(
-            f"{file} is a safetensors file, and the safetensors package is not installed. Fix: {timm_backbones.INSTALL}"
+            f"{file} is a safetensors file, and the safetensors package is not installed. Fix: {INSTALL}"
         ) from None
     try:
         return load_file(str(file))

@@ -46,6 +46,11 @@ def is_timm(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def timm_available() -> bool:
+    """Whether the timm extra is installed."""
+    return timm is not None
+
+
 def require_timm() -> Any:
     """The timm module, or a clear error naming the extra."""
     if timm is None:
