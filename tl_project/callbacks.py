@@ -109,7 +109,8 @@ class PredictionWriter(BasePredictionWriter):
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
         self.path = Path(self.output).expanduser() if self.output else Path(run_dir) / self.FILENAME
         paths = datamodule.predict_paths
-        self.file = PredictionFile(self.path, paths, pl_module.class_names, trainer.global_rank)  # type: ignore[arg-type]
+        delimiter = datamodule.hparams.get("label_delimiter", " ") if getattr(pl_module, "multi_label", False) else None
+        self.file = PredictionFile(self.path, paths, pl_module.class_names, trainer.global_rank, delimiter)  # type: ignore[arg-type]
         attempt, problem = 0, None
         if trainer.is_global_zero:
             try:
@@ -134,6 +135,9 @@ class PredictionWriter(BasePredictionWriter):
         if prediction is None or self.file is None:  # a batch whose images all failed to load
             return
         indices = prediction["index"].tolist()
+        if "chosen" in prediction:  # multi-label
+            self.file.write_sets(indices, prediction["chosen"].tolist(), prediction["probabilities"].tolist())
+            return
         self.file.write(indices, prediction["top_classes"].tolist(), prediction["top_probabilities"].tolist())
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

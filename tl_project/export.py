@@ -56,6 +56,11 @@ def export(
     target.parent.mkdir(parents=True, exist_ok=True)
 
     model = TransferLearningModel.load_from_checkpoint(source, weights=None, map_location="cpu").eval()
+    if model.multi_label:
+        raise UserError(
+            f"{source} is a multi-label model, which export does not take yet: run it with "
+            "python -m tl_project predict --ckpt_path CKPT (test and predict read the checkpoint)."
+        )
     network = nn.Sequential(model.backbone, model.head).eval()  # images -> logits, nothing else
     image_size = int((checkpoint.get("datamodule_hyper_parameters") or {}).get("image_size", 224))
     example = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))

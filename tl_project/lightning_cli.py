@@ -46,6 +46,7 @@ from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_che
 from tl_project.data import ImageDataModule
 from tl_project.errors import PROG, UserError
 from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
+from tl_project.multilabel_report import MultiLabelReport
 from tl_project.report import TestReport
 from tl_project.runtime import check_output_dir, choose_precision, say
 
@@ -91,7 +92,7 @@ def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
     for prefix, values, cls in (("model", model_hp, TransferLearningModel), ("data", data_hp, ImageDataModule)):
         params = inspect.signature(cls.__init__).parameters
         # num_classes and class_names reach the model through the data link.
-        skip = {"self", "num_classes", "class_names"} if cls is TransferLearningModel else {"self"}
+        skip = {"self", "num_classes", "class_names", "multi_label"} if cls is TransferLearningModel else {"self"}
         defaults |= {f"{prefix}.{k}": v for k, v in values.items() if k in params and k not in skip}
     return defaults
 
@@ -114,6 +115,7 @@ class TransferLearningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.multi_label", "model.multi_label", apply_on="instantiate")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -200,7 +202,7 @@ class TransferLearningCLI(LightningCLI):
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(self.config["predict"].get("output")))
         if self.subcommand == "test":
-            callbacks.append(TestReport())
+            callbacks.append(MultiLabelReport() if self.model.multi_label else TestReport())
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         if self.subcommand not in (None, "fit"):  # nothing trains, so nothing to checkpoint
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]  # type: ignore[attr-defined]

@@ -24,6 +24,14 @@ from tl_project.checkpoints import check_compatible, read_checkpoint
 from tl_project.errors import UserError
 from tl_project.features import FeatureCache
 from tl_project.finetune import FinetunePolicy
+from tl_project.multilabel import (
+    DEFAULT_THRESHOLD,
+    Collected,
+    best_f1_thresholds,
+    per_class_metrics,
+    use_thresholds,
+)
+from tl_project.multilabel import stage_metrics as multilabel_metrics
 from tl_project.recipe import BatchMix, fit_traps, learning_rate_schedule, loss_weights, mix_seed
 from tl_project.runtime import MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
 from tl_project.transforms import Preprocessing
@@ -93,6 +101,7 @@ class TransferLearningModel(L.LightningModule):
         warmup_epochs: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
+        multi_label: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -116,6 +125,7 @@ class TransferLearningModel(L.LightningModule):
             warmup_epochs: Epochs (a fraction is fine) of linear warmup from 0 before the schedule; 0 for none.
             mixup: MixUp's alpha for training batches (0.2 is usual); 0 for none.
             cutmix: CutMix's alpha for training batches (1.0 is usual); 0 for none. With mixup too, each batch gets one of the two.
+            multi_label: Several classes per image (linked from the data): sigmoid outputs, BCE loss, per-class thresholds chosen on validation.
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
             lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
         """
@@ -129,6 +139,12 @@ class TransferLearningModel(L.LightningModule):
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         check_options(finetune, cache_features, mixup or cutmix, schedule, warmup_epochs, lr_scheduler)
+        if multi_label and (mixup or cutmix or label_smoothing):
+            raise UserError(
+                "--data.multi_label true trains one yes/no output per class: model.mixup, model.cutmix and "
+                "model.label_smoothing are for single-label data; set them to 0."
+            )
+        self.multi_label = multi_label
         self.policy = FinetunePolicy(finetune, unfreeze_at_epoch, backbone_lr_factor, freeze_batchnorm)
         self.optimizer_factory = optimizer or default_optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -146,9 +162,15 @@ class TransferLearningModel(L.LightningModule):
         self.data_seed = 0  # the data's seed, taken when fitting starts: MixUp/CutMix draws follow from it
         # Training loss weights per class (data.balance loss), set when fitting starts.
         self.class_weights: torch.Tensor | None = None
-        self.train_metrics = stage_metrics("train", num_classes)
-        self.val_metrics = stage_metrics("val", num_classes)
-        self.test_metrics = stage_metrics("test", num_classes)
+        metrics = multilabel_metrics if multi_label else stage_metrics
+        self.train_metrics = metrics("train", num_classes)
+        self.val_metrics = metrics("val", num_classes)
+        self.test_metrics = metrics("test", num_classes)
+        if multi_label:
+            # Each class's yes/no threshold, chosen on validation; saved in the checkpoint's state.
+            self.register_buffer("thresholds", torch.full((num_classes,), DEFAULT_THRESHOLD))
+            self.val_outputs = Collected()
+            self.test_per_class = per_class_metrics(num_classes)
         # Mean loss weighted by images, summed across processes: exact under DDP too.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self._was_frozen: bool | None = None  # the phase of the last training epoch (gradual)
@@ -238,14 +260,23 @@ class TransferLearningModel(L.LightningModule):
             logits = self.head(cached[indices].to(self.head.weight.dtype))
         else:
             logits = self.evaluate(images) if stage == "test" else self(images)
-        if stage == "train":
-            loss = nn.functional.cross_entropy(
-                logits, targets, weight=self.class_weights, label_smoothing=self.hparams["label_smoothing"]
-            )
-        else:
-            loss = self.loss_fn(logits, labels)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
-        metrics.update(logits, labels)
+        if self.multi_label:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            probabilities, truth = logits.detach().float().sigmoid(), labels.int()
+            metrics.update(probabilities, truth)
+            if stage == "val":
+                self.val_outputs.update(probabilities, truth)
+            if stage == "test":
+                self.test_per_class.update(probabilities, truth)
+        else:
+            if stage == "train":
+                loss = nn.functional.cross_entropy(
+                    logits, targets, weight=self.class_weights, label_smoothing=self.hparams["label_smoothing"]
+                )
+            else:
+                loss = self.loss_fn(logits, labels)
+            metrics.update(logits, labels)
         mean_loss.update(loss.detach(), weight=len(labels))
         self.log(f"{stage}/loss", mean_loss, on_epoch=True, on_step=False)
         self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage != "test")
@@ -273,8 +304,28 @@ class TransferLearningModel(L.LightningModule):
         _, logits = self._shared_step(batch, "test")
         return {"logits": logits.detach(), "labels": batch[1], "indices": batch[2]}
 
+    def on_validation_epoch_end(self) -> None:
+        if self.multi_label and not self.trainer.sanity_checking:
+            # The thresholds of this epoch's model, from its validation probabilities (all processes).
+            probabilities, targets = self.val_outputs.compute()
+            thresholds: Any = self.thresholds
+            thresholds.copy_(best_f1_thresholds(probabilities.cpu(), targets.cpu()))
+            use_thresholds(thresholds, self.val_metrics, self.train_metrics)
+        if self.multi_label:
+            self.val_outputs.reset()
+
+    def on_test_epoch_start(self) -> None:
+        if self.multi_label:
+            thresholds: Any = self.thresholds
+            use_thresholds(thresholds, self.test_metrics, self.test_per_class)
+
     def on_test_epoch_end(self) -> None:
         accuracy = self.test_metrics["acc"].compute()  # synchronised across processes
+        if self.multi_label:
+            average_precision = self.test_metrics["map"].compute()
+            say(f"Mean average precision of the model on the test images: {100 * average_precision.item():.2f} %")
+            say(f"Exact-match accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
+            return
         say(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
 
     def evaluate(self, images: torch.Tensor) -> torch.Tensor:
@@ -288,6 +339,10 @@ class TransferLearningModel(L.LightningModule):
         images, _, indices = batch
         if not len(indices):
             return None
+        if self.multi_label:
+            probabilities = self.evaluate(images).float().sigmoid()
+            thresholds: Any = self.thresholds
+            return {"index": indices, "probabilities": probabilities, "chosen": probabilities >= thresholds}
         probabilities = self.evaluate(images).softmax(dim=1)
         top_probabilities, top_classes = probabilities.topk(min(5, self.num_classes), dim=1)
         return {"index": indices, "top_classes": top_classes, "top_probabilities": top_probabilities}

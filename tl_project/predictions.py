@@ -36,6 +36,19 @@ def header(k: int) -> list[str]:
     return columns
 
 
+def multilabel_header(names: Sequence[str]) -> list[str]:
+    """predictions.csv's columns for multi-label: the path, the predicted set, each class's probability."""
+    return ["path", "labels", *names]
+
+
+def multilabel_row(
+    path: str, chosen: Sequence[bool], probabilities: Sequence[float], names: Sequence[str], delimiter: str
+) -> list[str]:
+    """A multi-label row: the classes at or above their thresholds, joined by `delimiter`, then every probability."""
+    labels = delimiter.join(name for name, yes in zip(names, chosen, strict=True) if yes)
+    return [path, labels, *(f"{p:.6f}" for p in probabilities)]
+
+
 def row(path: str, classes: Sequence[int], probabilities: Sequence[float], names: Sequence[str]) -> list[str]:
     """predictions.csv's row of one image: path, prediction, probability, then the top-k."""
     line = [path, names[classes[0]], f"{probabilities[0]:.6f}"]
@@ -51,8 +64,17 @@ def digest(paths: Sequence[Any]) -> str:
 class PredictionFile:
     """FILE, written in parts as batches finish, resumable (see the module's text)."""
 
-    def __init__(self, path: Path, paths: Sequence[Any], class_names: Sequence[str], rank: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        paths: Sequence[Any],
+        class_names: Sequence[str],
+        rank: int = 0,
+        label_delimiter: str | None = None,
+    ) -> None:
+        """`label_delimiter`: multi-label rows (the predicted set joined by it), else top-k rows."""
         self.path, self.paths, self.names, self.rank = Path(path), list(paths), list(class_names), rank
+        self.delimiter = label_delimiter
         self.record = Path(f"{self.path}.progress.json")
         self.handle: IO[str] | None = None
         self.writer: Any = None
@@ -119,6 +141,16 @@ class PredictionFile:
             self.writer.writerow([index, *row(str(self.paths[index]), top, values, self.names)])
         self.handle.flush()
 
+    def write_sets(
+        self, indices: Sequence[int], chosen: Sequence[Sequence[bool]], probabilities: Sequence[Sequence[float]]
+    ) -> None:
+        """One batch's multi-label rows, flushed as `write`'s."""
+        assert self.writer is not None and self.handle is not None and self.delimiter is not None
+        for index, answers, values in zip(indices, chosen, probabilities, strict=True):
+            line = multilabel_row(str(self.paths[index]), answers, values, self.names, self.delimiter)
+            self.writer.writerow([index, *line])
+        self.handle.flush()
+
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
@@ -130,7 +162,7 @@ class PredictionFile:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(header(self.k))
+            writer.writerow(header(self.k) if self.delimiter is None else multilabel_header(self.names))
             for _, line in self.rows():
                 writer.writerow(line)
                 count += 1

@@ -86,6 +86,11 @@ class Classifier:
         self.image_size = int(data.get("image_size", 224))
         self.max_pixels = int(data.get("max_image_pixels", DEFAULT_MAX_PIXELS))
         model = TransferLearningModel.load_from_checkpoint(path, weights=None, map_location="cpu")
+        if model.multi_label:
+            raise UserError(
+                f"{path} is a multi-label model, which serve does not take yet: run it with "
+                "python -m tl_project predict --ckpt_path CKPT."
+            )
         self.model = model.eval().to(self.device)
         if model.hparams["channels_last"]:
             self.model.to(memory_format=torch.channels_last)

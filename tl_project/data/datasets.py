@@ -87,6 +87,28 @@ class FolderDataset(ImageDataset):
         return str(self.samples[index][0])
 
 
+class MultiLabelDataset(FolderDataset):
+    """(image, targets) pairs of a multi-label table: a sample's label is the number of its
+    label set in `label_sets`, its target the multi-hot float vector of that set's classes."""
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable,
+        seed: int,
+        label_sets: Sequence[Sequence[int]],
+        num_classes: int,
+    ) -> None:
+        super().__init__(samples, transform, seed)
+        self.targets = torch.zeros(len(label_sets), num_classes)
+        for code, classes in enumerate(label_sets):
+            self.targets[code, list(classes)] = 1.0
+
+    def item(self, index: int) -> tuple[Any, ...]:
+        image, code, index = super().item(index)  # also an unreadable image's placeholder
+        return image, self.targets[code], index
+
+
 class PredictDataset(ImageDataset):
     """Unlabelled images (target -1); the index finds the path again."""
 

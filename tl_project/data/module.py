@@ -92,6 +92,8 @@ class ImageDataModule(L.LightningDataModule):
         fold: int = 0,
         exclude: str | None = None,
         labels: str | None = None,
+        multi_label: bool = False,
+        label_delimiter: str = " ",
     ) -> None:
         """
         Args:
@@ -117,11 +119,16 @@ class ImageDataModule(L.LightningDataModule):
             fold: With folds: the fold that validates; the others train.
             exclude: A file listing images to leave out of training and validation, never out of test: a label_issues.csv from cv, a CSV with a path column, or one path per line. The checkpoint records which were left out.
             labels: A CSV of images and labels instead of class folders: columns path (or file_name; relative to root), label, and optionally split (train/val/test, used instead of the random split). Needs dataset null.
+            multi_label: Each image may have several classes (the label cell of --data.labels lists them): one sigmoid output per class.
+            label_delimiter: With multi_label: what separates the classes in a label cell.
         """
         super().__init__()
         self.save_hyperparameters()
         check_options(val_split, test_split, batch_size, image_size, min_crop_scale, folds, fold)
-        self.source = make_source(dataset, root, download, balance, folds, exclude, labels)
+        self.source = make_source(
+            dataset, root, download, balance, folds, exclude, labels, multi_label, label_delimiter
+        )
+        self.multi_label = multi_label  # the task, linked into the model
         self.dataset, self.predict_dir = dataset, predict_dir
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size, self._num_workers, self.balance = batch_size, num_workers, balance  # the loaders

@@ -20,7 +20,13 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from tl_project.data.checks import usable
-from tl_project.data.datasets import FolderDataset, ImageDataset, PredictDataset, TensorImageDataset
+from tl_project.data.datasets import (
+    FolderDataset,
+    ImageDataset,
+    MultiLabelDataset,
+    PredictDataset,
+    TensorImageDataset,
+)
 from tl_project.data.exclude import image_key, without_excluded
 from tl_project.data.folders import Splits, carve, folder_classes, folder_splits, predict_paths
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
@@ -138,35 +144,65 @@ class FolderSource:
         and the splits of `STAGE_CHECKS` checked."""
         checked = [split for split in SPLITS if split in splits or split in STAGE_CHECKS[stage]]
         chosen = self.splits(data, exclude=bool({"train", "val"} & set(splits)))
-        samples = usable_samples(data, chosen, data.class_names, stage, self.root, only=checked)
-        return {
-            split: tolerant(data, FolderDataset(samples[split], data.transform(split), data.seed)) for split in splits
-        }
+        names = self.check_names(data.class_names)
+        samples = usable_samples(data, chosen, names, stage, self.root, only=checked)
+        return {split: tolerant(data, self.dataset(data, samples[split], split)) for split in splits}
+
+    def check_names(self, class_names: list[str]) -> list[str]:
+        """The names of the sample labels, for the data check's counts."""
+        return class_names
+
+    def dataset(self, data: ImageDataModule, samples: list[tuple[str, int]], split: str) -> ImageDataset:
+        """The dataset of one split's samples."""
+        return FolderDataset(samples, data.transform(split), data.seed)
 
 
 class TableSource(FolderSource):
     """The images and labels of a CSV (`table.py`): its split column, where it has one, decides
-    the splits; a split with no row is carved out of train, as for a folder."""
+    the splits; a split with no row is carved out of train, as for a folder.
 
-    def __init__(self, labels: str, root: Path | None) -> None:
+    Multi-label (a `delimiter`): a sample's label is the number of its label set
+    (`label_sets`, in order of appearance), so that splits are stratified by label set, the
+    data check's counts are per label set, and one image under two label sets conflicts;
+    its dataset gives multi-hot targets."""
+
+    def __init__(self, labels: str, root: Path | None, delimiter: str | None = None) -> None:
         super().__init__(root)
         self.file = Path(labels).expanduser()
+        self.delimiter = delimiter
+        self.label_sets: list[tuple[int, ...]] = []
 
     def classes(self, expected: list[str] | None) -> list[str]:
         if not self.file.is_file() and expected is not None:
             return list(expected)  # predict where the training table is gone: checked when read
-        rows = read_table(self.file, self.root)
-        found = table_classes(rows)
-        check_training_images(rows, found, self.file)
+        rows = read_table(self.file, self.root, self.delimiter)
+        found = table_classes(rows, self.delimiter)
+        check_training_images(rows, found, self.file, self.delimiter)
         return checked_classes(expected, found, f" in {self.file}")
 
     def samples(self, data: ImageDataModule) -> Splits:
         index = {name: label for label, name in enumerate(data.class_names)}
+        codes = {labels: code for code, labels in enumerate(self.label_sets)}
         grouped: Splits = {}
-        for row in read_table(self.file, self.root):
-            grouped.setdefault(row.split or "train", []).append((row.path, index[row.label]))
+        for row in read_table(self.file, self.root, self.delimiter):
+            if self.delimiter is None:
+                label = index[row.label]
+            else:
+                label = codes.setdefault(tuple(index[name] for name in row.labels(self.delimiter)), len(codes))
+            grouped.setdefault(row.split or "train", []).append((row.path, label))
+        self.label_sets = list(codes)
         grouped.setdefault("train", [])
         return carve(grouped, data.val_split, data.test_split, data.seed)
+
+    def check_names(self, class_names: list[str]) -> list[str]:
+        if self.delimiter is None:
+            return class_names
+        return [" + ".join(class_names[c] for c in label_set) for label_set in self.label_sets]
+
+    def dataset(self, data: ImageDataModule, samples: list[tuple[str, int]], split: str) -> ImageDataset:
+        if self.delimiter is None:
+            return super().dataset(data, samples, split)
+        return MultiLabelDataset(samples, data.transform(split), data.seed, self.label_sets, len(data.class_names))
 
 
 class ShardSource:
@@ -261,15 +297,20 @@ def make_source(
     folds: int,
     exclude: str | None = None,
     labels: str | None = None,
+    multi_label: bool = False,
+    label_delimiter: str = " ",
 ) -> Source:
     """The source `--data.dataset` names: a torchvision name, litdata, or null for a folder
-    (or the CSV of `--data.labels`)."""
+    (or the CSV of `--data.labels`, single- or multi-label)."""
+    if multi_label:
+        check_multi_label(labels, balance, folds, label_delimiter)
     if labels is not None:
         if dataset is not None:
             raise UserError(
                 f"--data.labels reads images and labels from a CSV; pass --data.dataset null with it (not {dataset})."
             )
-        return TableSource(labels, Path(root).expanduser() if root is not None else None)
+        path = Path(root).expanduser() if root is not None else None
+        return TableSource(labels, path, label_delimiter if multi_label else None)
     if dataset == LITDATA:
         return ShardSource(root, balance, folds, exclude)
     path = Path(root).expanduser() if root is not None else None
@@ -281,3 +322,18 @@ def make_source(
         f"Unknown dataset {dataset!r}. Choose one of {', '.join(NAMED_DATASETS)}, {LITDATA} for shards "
         "written by python -m tl_project optimize, or null for an image folder given by --data.root."
     )
+
+
+def check_multi_label(labels: str | None, balance: str, folds: int, delimiter: str) -> None:
+    """What multi-label data needs, and what it cannot do yet, with the fix in each message."""
+    if labels is None:
+        raise UserError(
+            "--data.multi_label true reads several classes per image from a CSV: pass --data.labels FILE "
+            "(columns path, label, optionally split; classes in the label cell separated by --data.label_delimiter)."
+        )
+    if not delimiter:
+        raise UserError("--data.label_delimiter is empty: pass the character between classes, e.g. ' ' or ';'.")
+    if balance != "none":
+        raise UserError(f"--data.balance {balance} balances single classes; with --data.multi_label true use none.")
+    if folds:
+        raise UserError("cv (--data.folds) with --data.multi_label true is not supported: fit and test it instead.")

@@ -6,6 +6,9 @@ image relative to `--data.root` (absolute paths allowed; a relative path that le
 root is refused), `label`, and optionally `split` (`train`/`val`/`test`), which then takes
 the place of the random split (a split with no row is carved out of train, as for folders).
 Every problem of the table is reported at once, with its row numbers (the header is row 1).
+
+Multi-label (`--data.multi_label true`): the `label` cell holds several classes separated by
+`--data.label_delimiter` (a space by default); the classes are all the names used.
 """
 
 from __future__ import annotations
@@ -23,16 +26,25 @@ SHOWN = 10  # problems listed by name; the rest are counted
 
 @dataclass(frozen=True)
 class Row:
-    """One image of the table: its file, its label, its split (None: carved at random), its row."""
+    """One image of the table: its file, its label (the cell as written), its split (None:
+    carved at random), its row number."""
 
     path: str
     label: str
     split: str | None
     number: int
 
+    def labels(self, delimiter: str | None) -> tuple[str, ...]:
+        """The row's classes: the label itself, or with a `delimiter` (multi-label) the sorted,
+        distinct names of its cell."""
+        if delimiter is None:
+            return (self.label,)
+        return tuple(sorted({name.strip() for name in self.label.split(delimiter) if name.strip()}))
 
-def read_table(file: Path, root: Path | None) -> list[Row]:
-    """The rows of the labels CSV `file`, every one checked; images resolved against `root`."""
+
+def read_table(file: Path, root: Path | None, delimiter: str | None = None) -> list[Row]:
+    """The rows of the labels CSV `file`, every one checked; images resolved against `root`;
+    with a `delimiter`, label cells hold several classes."""
     if not file.is_file():
         raise UserError(
             f"Labels file {file} does not exist. Pass --data.labels FILE: a CSV with the columns path (or "
@@ -75,8 +87,12 @@ def read_table(file: Path, root: Path | None) -> list[Row]:
             problems.append(f"row {number}: {resolved} does not exist")
             continue
         row = Row(str(resolved), label, split, number)
+        if not row.labels(delimiter):
+            problems.append(f"row {number}: no class in the label {label!r} (classes separated by {delimiter!r})")
+            continue
         if (earlier := seen.get(row.path)) is not None:
-            what = f"with the labels {earlier.label!r} and {label!r}" if earlier.label != label else "twice"
+            differ = earlier.labels(delimiter) != row.labels(delimiter)
+            what = f"with the labels {earlier.label!r} and {label!r}" if differ else "twice"
             problems.append(f"rows {earlier.number} and {number}: {name} is listed {what}")
             continue
         seen[row.path] = row
@@ -90,14 +106,14 @@ def read_table(file: Path, root: Path | None) -> list[Row]:
     return rows
 
 
-def table_classes(rows: list[Row]) -> list[str]:
-    """The class names: the sorted labels."""
-    return sorted({row.label for row in rows})
+def table_classes(rows: list[Row], delimiter: str | None = None) -> list[str]:
+    """The class names: the sorted labels (every name used, for multi-label)."""
+    return sorted({name for row in rows for name in row.labels(delimiter)})
 
 
-def check_training_images(rows: list[Row], class_names: list[str], file: Path) -> None:
+def check_training_images(rows: list[Row], class_names: list[str], file: Path, delimiter: str | None = None) -> None:
     """Every class needs a training image (rows without a split may train)."""
-    training = {row.label for row in rows if row.split in (None, "train")}
+    training = {name for row in rows if row.split in (None, "train") for name in row.labels(delimiter)}
     if missing := [name for name in class_names if name not in training]:
         raise UserError(
             f"{file}: the classes {missing} have no training image (every row of theirs has split val or test). "

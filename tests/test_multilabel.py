@@ -1,0 +1,162 @@
+"""Multi-label (`--data.multi_label true`): label sets from a CSV, thresholds chosen on
+validation and kept in the checkpoint, the metrics, predict's rows, the report, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
+from tl_project import main
+from tl_project.checkpoints import read_checkpoint
+from tl_project.data import ImageDataModule
+from tl_project.errors import UserError
+from tl_project.multilabel import best_f1_thresholds, predicted_sets
+from tl_project.serve import Classifier
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 220, 40), "blue": (40, 40, 220)}
+
+
+def write_stripes(root: Path, count: int = 60, seed: int = 0) -> Path:
+    """`root/images/NNN.png`: 40 px pictures with one or two colour stripes, and `root/labels.csv`
+    naming their colours (a space between them)."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(count):
+        chosen = sorted(rng.choice(3, int(rng.integers(1, 3)), replace=False).tolist())
+        pixels = np.zeros((40, 40, 3), np.int64)
+        for j, c in enumerate(chosen):
+            pixels[:, 20 * j : 20 * j + 20] = COLOURS[names[c]]
+        pixels = np.clip(pixels + rng.integers(-20, 20, pixels.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{i:03d}.png")
+        rows.append([f"{i:03d}.png", " ".join(names[c] for c in chosen)])
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *rows])
+    return root
+
+
+def test_best_f1_thresholds_separate_what_can_be_separated() -> None:
+    probabilities = torch.tensor([[0.9, 0.2], [0.7, 0.6], [0.4, 0.1], [0.1, 0.05]])
+    targets = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 0]])
+    thresholds = best_f1_thresholds(probabilities, targets)
+    assert 0.4 < thresholds[0] <= 0.7 and 0.2 < thresholds[1] <= 0.6
+    assert predicted_sets(probabilities, thresholds) == [[0], [0, 1], [], []]
+    # A class without a positive image keeps the default.
+    assert best_f1_thresholds(probabilities, torch.zeros(4, 2, dtype=torch.int))[0] == 0.5
+
+
+def test_classes_are_every_name_and_targets_are_multi_hot(tmp_path: Path) -> None:
+    root = write_stripes(tmp_path)
+    data = ImageDataModule(
+        dataset=None, root=str(root / "images"), labels=str(root / "labels.csv"), multi_label=True, num_workers=0
+    )
+    assert data.class_names == ["blue", "green", "red"]
+    data.setup("fit")
+    rows = {r["path"]: set(r["label"].split()) for r in read_csv(root / "labels.csv")}
+    dataset = data.datasets["train"]
+    for index in range(5):
+        _, target, _ = dataset[index]
+        named = {data.class_names[c] for c in target.nonzero().flatten().tolist()}
+        assert named == rows[Path(dataset.describe(index)).name]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"labels": None}, r"pass --data.labels FILE"),
+        ({"balance": "sampler"}, r"--data.balance sampler balances single classes"),
+        ({"folds": 3}, r"cv \(--data.folds\) with --data.multi_label true is not supported"),
+        ({"label_delimiter": ""}, r"--data.label_delimiter is empty"),
+    ],
+)
+def test_what_multi_label_needs_or_cannot_do_is_said(tmp_path: Path, kwargs: dict, message: str) -> None:
+    root = write_stripes(tmp_path, count=12)
+    options = {"dataset": None, "root": str(root / "images"), "labels": str(root / "labels.csv"), "multi_label": True}
+    with pytest.raises(UserError, match=message):
+        ImageDataModule(**(options | kwargs))  # type: ignore[arg-type]
+
+
+def test_a_cell_of_delimiters_only_is_a_bad_row(tmp_path: Path) -> None:
+    root = write_stripes(tmp_path, count=4)
+    with open(root / "labels.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["000.png", ";"])
+    with pytest.raises(UserError, match=r"row 6: no class in the label ';'"):
+        ImageDataModule(
+            dataset=None, root=str(root / "images"), labels=str(root / "labels.csv"), multi_label=True,
+            label_delimiter=";",
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = write_stripes(tmp_path_factory.mktemp("multilabel"), count=90)
+    runs = root / "runs"
+    args = fit_args(root / "images", runs, "--data.labels", str(root / "labels.csv"), "--data.multi_label", "true")
+    main([*args, "--trainer.max_epochs", "3", "--data.batch_size", "16", "--model.optimizer.lr", "0.01"])
+    return {"root": root, "runs": runs, "ckpt": run_dirs(runs)[0] / "checkpoints" / "last.ckpt"}
+
+
+def test_the_checkpoint_keeps_the_task_and_the_thresholds(trained: dict[str, Path]) -> None:
+    checkpoint = read_checkpoint(trained["ckpt"])
+    assert checkpoint["hyper_parameters"]["multi_label"] is True
+    thresholds = checkpoint["state_dict"]["thresholds"]
+    assert thresholds.shape == (3,) and not torch.equal(thresholds, torch.full((3,), 0.5))
+    logged = [r for r in read_csv(run_dirs(trained["runs"])[0] / "metrics.csv") if r.get("val/map")]
+    assert len(logged) == 3 and all(r["val/acc"] and r["val/f1_micro"] for r in logged)
+
+
+def test_test_prints_the_mean_average_precision_and_writes_the_report(
+    trained: dict[str, Path], capfd: pytest.CaptureFixture[str]
+) -> None:
+    main(["test", "--ckpt_path", str(trained["ckpt"]), "--trainer.default_root_dir", str(trained["runs"]), *QUIET])
+    out = capfd.readouterr().out
+    assert "Mean average precision of the model on the test images:" in out
+    assert "Exact-match accuracy of the model on the test images:" in out
+    report = run_dirs(trained["runs"])[-1] / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["mean_average_precision"] > 0.8  # three colours in stripes: easy
+    assert set(metrics["per_class"]) == {"blue", "green", "red"}
+    assert all(0 < row["threshold"] < 1 for row in metrics["per_class"].values())
+    assert (report / "pr_curves.png").is_file() and (report / "worst.png").is_file()
+    assert read_csv(report / "worst.csv")[0].keys() == {"path", "true", "predicted", "loss"}
+
+
+def test_predict_writes_the_set_then_every_probability(trained: dict[str, Path], tmp_path: Path) -> None:
+    output = tmp_path / "predictions.csv"
+    main(["predict", "--ckpt_path", str(trained["ckpt"]), "--data.predict_dir", str(trained["root"] / "images"),
+          "--output", str(output), *QUIET])  # fmt: skip
+    rows = read_csv(output)
+    assert list(rows[0]) == ["path", "labels", "blue", "green", "red"] and len(rows) == 90
+    thresholds = read_checkpoint(trained["ckpt"])["state_dict"]["thresholds"]
+    for row in rows:
+        expected = [c for i, c in enumerate(("blue", "green", "red")) if float(row[c]) >= float(thresholds[i]) - 1e-6]
+        assert row["labels"].split() == expected
+    truth = {r["path"]: set(r["label"].split()) for r in read_csv(trained["root"] / "labels.csv")}
+    right = sum(set(row["labels"].split()) == truth[Path(row["path"]).name] for row in rows)
+    assert right >= 0.8 * len(rows)
+
+
+def test_export_and_serve_refuse_a_multi_label_model(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_code(["export", "--ckpt_path", str(trained["ckpt"]), "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "multi-label model, which export does not take yet" in capfd.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(UserError, match="multi-label model, which serve does not take yet"):
+        Classifier(str(trained["ckpt"]), "cpu")  # what serve loads, before any worker starts
+
+
+def test_mixing_is_refused_with_multi_label(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    args = fit_args(trained["root"] / "images", tmp_path / "runs", "--data.labels", str(trained["root"] / "labels.csv"))
+    assert exit_code([*args, "--data.multi_label", "true", "--model.mixup", "0.2"]) == 2
+    assert "model.mixup, model.cutmix and model.label_smoothing" in capfd.readouterr().err
