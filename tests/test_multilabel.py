@@ -160,3 +160,22 @@ def test_mixing_is_refused_with_multi_label(
     args = fit_args(trained["root"] / "images", tmp_path / "runs", "--data.labels", str(trained["root"] / "labels.csv"))
     assert exit_code([*args, "--data.multi_label", "true", "--model.mixup", "0.2"]) == 2
     assert "model.mixup, model.cutmix and model.label_smoothing" in capfd.readouterr().err
+
+
+def test_the_feature_cache_trains_multi_label_heads(trained: dict[str, Path], tmp_path: Path) -> None:
+    """Multi-label trains on the evaluation view by default, so the cache needs no --data.augment."""
+    root, runs = trained["root"], tmp_path / "runs"
+    args = fit_args(root / "images", runs, "--data.labels", str(root / "labels.csv"), "--data.multi_label", "true")
+    main([*args, "--model.finetune", "head", "--model.cache_features", "true", "--data.batch_size", "16"])
+    logged = [r for r in read_csv(run_dirs(runs)[0] / "metrics.csv") if r.get("train/loss")]
+    assert len(logged) == 2 and float(logged[-1]["train/loss"]) < float(logged[0]["train/loss"])
+
+
+def test_optimize_refuses_multi_label(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    root = trained["root"]
+    args = ["optimize", "--data.root", str(root / "images"), "--data.labels", str(root / "labels.csv")]
+    assert exit_code([*args, "--data.multi_label", "true", "--output", str(tmp_path / "shards")]) == 2
+    assert "multi-label shards are not supported yet" in capfd.readouterr().err
+    assert not (tmp_path / "shards").exists()

@@ -15,6 +15,11 @@ def run(command: str, args: list[str], description: str, from_sys_argv: bool) ->
     with launched(command, args, from_sys_argv) as args:
         output_help = "Where the shards go: a new or earlier shards folder, or a URL LitData writes to (s3://...)."
         data, config = data_module(command, description, args, **{"--output": {"required": True, "help": output_help}})
+        if data.multi_label:
+            raise UserError(
+                "optimize writes one class per image; multi-label shards are not supported yet: train "
+                "--data.multi_label true from the labels CSV and its image folder."
+            )
         output = str(config.output)
         if not is_url(output):
             target = Path(output).expanduser()

@@ -89,7 +89,8 @@ class FolderDataset(ImageDataset):
 
 class MultiLabelDataset(FolderDataset):
     """(image, targets) pairs of a multi-label table: a sample's label is the number of its
-    label set in `label_sets`, its target the multi-hot float vector of that set's classes."""
+    label set in `label_sets`, its target (`load`, `target`) the multi-hot float vector of
+    that set's classes."""
 
     def __init__(
         self,
@@ -104,9 +105,13 @@ class MultiLabelDataset(FolderDataset):
         for code, classes in enumerate(label_sets):
             self.targets[code, list(classes)] = 1.0
 
-    def item(self, index: int) -> tuple[Any, ...]:
-        image, code, index = super().item(index)  # also an unreadable image's placeholder
-        return image, self.targets[code], index
+    def load(self, index: int) -> tuple[torch.Tensor, Any]:
+        path, code = self.samples[index]
+        return load_image(path), self.targets[code]
+
+    def target(self, index: int) -> Any:
+        """The multi-hot target of item `index` (its label set's)."""
+        return self.targets[self.samples[index][1]]
 
 
 class PredictDataset(ImageDataset):
