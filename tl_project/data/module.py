@@ -77,7 +77,7 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         image_size: int = 224,
         min_crop_scale: float = 0.08,
-        augment: bool = True,
+        augment: bool | None = None,
         val_split: float = 0.1,
         test_split: float = 0.1,
         seed: int = 42,
@@ -104,7 +104,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers: Loader worker processes per device; null picks one on a CPU, the usable cores (at most 8) on a GPU.
             image_size: Side of the square images the model sees, in pixels.
             min_crop_scale: Smallest area fraction of a random training crop: 0.08 as for ImageNet; raise it for small or centred objects.
-            augment: Random crops and flips for training; false trains on the evaluation view (model.cache_features needs it).
+            augment: Random crops and flips for training; false trains on the evaluation view (model.cache_features needs it). null: true, except with multi_label (a crop can cut an object out and make its labels wrong).
             val_split: Fraction of each class held out for validation when there is no val folder.
             test_split: Fraction of each class held out for testing when there is no test folder (folders only).
             seed: Seed of the stratified split; keep it to evaluate the same held-out images later.
@@ -132,7 +132,10 @@ class ImageDataModule(L.LightningDataModule):
         self.dataset, self.predict_dir = dataset, predict_dir
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size, self._num_workers, self.balance = batch_size, num_workers, balance  # the loaders
-        self.image_size, self.min_crop_scale, self.augment = image_size, min_crop_scale, augment  # the view
+        # The view. Multi-label trains on the evaluation view unless asked: on the measured task
+        # (docs/benchmarks.md, "Multi-label") crops cost mAP.
+        augment = (not multi_label) if augment is None else augment
+        self.image_size, self.min_crop_scale, self.augment = image_size, min_crop_scale, augment
         self.val_split, self.test_split, self.seed = val_split, test_split, seed  # the splits
         self.folds, self.fold = folds, fold
         self.on_bad_image, self.max_image_pixels, self.check_level = on_bad_image, max_image_pixels, check
