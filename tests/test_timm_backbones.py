@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import COLORS, make_image_folder
-from tests.helpers import QUIET, exit_code, read_csv, run_dirs
+from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main, timm_backbones
 from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
@@ -26,15 +26,8 @@ TINY = "timm/test_efficientnet"  # 0.36 M parameters, BatchNorm, any input size
 
 
 def timm_fit_args(root: Path, runs: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        *("--model.backbone", TINY, "--model.weights", "null"),
-        *("--data.dataset", "null", "--data.root", str(root)),
-        *("--data.image_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"),
-        *("--trainer.max_epochs", "2", "--trainer.default_root_dir", str(runs)),
-        *QUIET,
-        *extra,
-    ]
+    """The tests' fit (`helpers.fit_args`: random weights, 32 px) with the tiny timm backbone."""
+    return fit_args(root, runs, "--model.backbone", TINY, *extra)
 
 
 @pytest.mark.parametrize("name", ["timm/test_efficientnet", "timm/test_convnext", "timm/test_resnet"])
