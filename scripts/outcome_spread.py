@@ -4,9 +4,9 @@ what the tolerance of tests/test_outcomes.py is justified by.
     python scripts/outcome_spread.py --out spread --seeds 1 2 3 4 5
     python scripts/outcome_spread.py --out spread --paths plain shards strong_recipe
 
-Pretrains the source checkpoint once (or takes --pretrained), then fine-tunes along each
+Converts the real ImageNet weights once (scripts/real_weights.py), then fine-tunes along each
 path for each seed and prints each path's test accuracy: mean ± std and every seed's.
-Writes --out/spread.json.
+`--weights null` measures random initialisation instead. Writes --out/spread.json.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ is importable from the repository root
 
-from tests.outcome_task import PATHS, pretrain, run_path, write_task
+from tests.outcome_task import PATHS, real_weights, run_path, write_task
 
 
 def main() -> None:
@@ -28,15 +28,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("spread"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
-    parser.add_argument("--pretrained", type=Path, help="a source checkpoint (else pretrained here)")
+    parser.add_argument("--weights", help="null for random initialisation (else the real weights)")
     args = parser.parse_args()
     task = write_task(args.out)
-    start = time.perf_counter()
-    pretrained = args.pretrained or pretrain(task)
-    results: dict[str, dict] = {"pretrain_seconds": time.perf_counter() - start}
+    weights = args.weights or real_weights(args.out)
+    results: dict[str, dict] = {"weights": str(weights)}
     for name in args.paths:
         start = time.perf_counter()
-        values = [100 * run_path(name, task, pretrained, seed) for seed in args.seeds]
+        values = [100 * run_path(name, task, weights, seed) for seed in args.seeds]
         results[name] = {
             "mean": statistics.mean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 BACKBONE = "tf_efficientnet_lite0"
+TIMM_NAME = f"timm/{BACKBONE}"  # as --model.backbone takes it
 FILE_NAME = f"{BACKBONE}.pth"
 # scikit-image's sample photos and the ImageNet classes a working network gives them (top-5).
 PHOTOS = {

