@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from tl_project.checkpoints import read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError
 from tl_project.multilabel import best_f1_thresholds, predicted_sets
-from tl_project.serve import Classifier
+from tl_project.serve import Classifier, ClassifierAPI
+from tl_project.transforms import eval_transform
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 220, 40), "blue": (40, 40, 220)}
 
@@ -144,14 +146,61 @@ def test_predict_writes_the_set_then_every_probability(trained: dict[str, Path],
     assert right >= 0.8 * len(rows)
 
 
-def test_export_and_serve_refuse_a_multi_label_model(
-    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+@pytest.fixture(scope="module")
+def predicted(trained: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """predict's rows from the checkpoint, by file name."""
+    output = trained["root"] / "predicted.csv"
+    main(["predict", "--ckpt_path", str(trained["ckpt"]), "--data.predict_dir", str(trained["root"] / "images"),
+          "--output", str(output), *QUIET])  # fmt: skip
+    return {Path(row["path"]).name: row for row in read_csv(output)}
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_export_keeps_the_sigmoid_and_the_thresholds(trained: dict[str, Path], tmp_path: Path, format: str) -> None:
+    target = tmp_path / f"model.{format}"
+    main(["export", "--ckpt_path", str(trained["ckpt"]), "--format", format, "--output", str(target)])
+    meta = json.loads(Path(f"{target}.json").read_text())
+    thresholds = read_checkpoint(trained["ckpt"])["state_dict"]["thresholds"]
+    assert meta["multi_label"] is True and meta["label_delimiter"] == " "
+    assert meta["thresholds"] == pytest.approx(thresholds.tolist())
+    assert meta["output"]["name"] == "probabilities"
+
+
+def test_predict_from_onnx_gives_the_same_sets(
+    trained: dict[str, Path], predicted: dict[str, dict[str, str]], tmp_path: Path
 ) -> None:
-    assert exit_code(["export", "--ckpt_path", str(trained["ckpt"]), "--output", str(tmp_path / "m.onnx")]) == 2
-    assert "multi-label model, which export does not take yet" in capfd.readouterr().err
-    assert not (tmp_path / "m.onnx").exists()
-    with pytest.raises(UserError, match="multi-label model, which serve does not take yet"):
-        Classifier(str(trained["ckpt"]), "cpu")  # what serve loads, before any worker starts
+    main(["export", "--ckpt_path", str(trained["ckpt"]), "--output", str(tmp_path / "m.onnx")])
+    main(["predict", "--ckpt_path", str(tmp_path / "m.onnx"), "--data.predict_dir", str(trained["root"] / "images"),
+          "--output", str(tmp_path / "onnx.csv")])  # fmt: skip
+    rows = read_csv(tmp_path / "onnx.csv")
+    assert list(rows[0]) == ["path", "labels", "blue", "green", "red"] and len(rows) == len(predicted)
+    for row in rows:
+        expected = predicted[Path(row["path"]).name]
+        assert row["labels"] == expected["labels"]
+        for name in ("blue", "green", "red"):
+            assert float(row[name]) == pytest.approx(float(expected[name]), abs=1e-4)
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "onnx"])
+def test_serve_answers_the_set_and_every_probability(
+    trained: dict[str, Path], predicted: dict[str, dict[str, str]], tmp_path: Path, source: str
+) -> None:
+    path = str(trained["ckpt"])
+    if source == "onnx":
+        path = str(tmp_path / "m.onnx")
+        main(["export", "--ckpt_path", str(trained["ckpt"]), "--output", path])
+    api = ClassifierAPI(path, None)  # what setup() builds in a worker, without tying this process to another
+    api.classifier = Classifier(path, "cpu")
+    api.max_pixels, api.pool = api.classifier.max_pixels, ThreadPoolExecutor(1)
+    api.transform = eval_transform(api.classifier.image_size, api.classifier.preprocessing)
+    assert api.classifier.describe()["multi_label"] is True
+    for name in ("000.png", "001.png", "002.png"):
+        answer = api.encode_response(api.predict((trained["root"] / "images" / name).read_bytes()))
+        expected = predicted[name]
+        assert answer["labels"] == expected["labels"].split()
+        assert answer["probabilities"] == pytest.approx(
+            {c: float(expected[c]) for c in ("blue", "green", "red")}, abs=1e-4
+        )
 
 
 def test_mixing_is_refused_with_multi_label(

@@ -4,8 +4,9 @@
     python -m tl_project predict --ckpt_path runs/version_0/export/best.onnx --data.predict_dir photos/
 
 The exported network takes normalised float32 images (N x 3 x S x S) and returns
-class logits. Beside it, `<file>.json` records what a user of the file needs: the
-class names and the preprocessing (resize, center crop, mean, std). Before it is
+class logits (a multi-label model: each class's sigmoid probability). Beside it,
+`<file>.json` records what a user of the file needs: the class names, the preprocessing
+(resize, center crop, mean, std) and, for multi-label, each class's threshold. Before it is
 kept, the file's outputs are compared with PyTorch's on a batch; above the
 tolerance it is removed and the export fails.
 """
@@ -56,12 +57,10 @@ def export(
     target.parent.mkdir(parents=True, exist_ok=True)
 
     model = TransferLearningModel.load_from_checkpoint(source, weights=None, map_location="cpu").eval()
-    if model.multi_label:
-        raise UserError(
-            f"{source} is a multi-label model, which export does not take yet: run it with "
-            "python -m tl_project predict --ckpt_path CKPT (test and predict read the checkpoint)."
-        )
-    network = nn.Sequential(model.backbone, model.head).eval()  # images -> logits, nothing else
+    # images -> logits (multi-label: probabilities), nothing else
+    layers = [model.backbone, model.head, *([nn.Sigmoid()] if model.multi_label else [])]
+    network = nn.Sequential(*layers).eval()
+    output_name = "probabilities" if model.multi_label else "logits"
     image_size = int((checkpoint.get("datamodule_hyper_parameters") or {}).get("image_size", 224))
     example = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -72,7 +71,7 @@ def export(
                 (example,),
                 str(target),
                 input_names=["images"],
-                output_names=["logits"],
+                output_names=[output_name],
                 dynamic_shapes={"input": {0: torch.export.Dim("batch")}},
                 dynamo=True,
             )
@@ -87,7 +86,7 @@ def export(
     if not torch.allclose(exported, expected, rtol=rtol, atol=atol):
         target.unlink()
         raise UserError(f"The exported {format} model differs from PyTorch beyond the tolerance; nothing was kept.")
-    meta = {
+    meta: dict[str, Any] = {
         "format": format,
         "checkpoint": str(source),
         "backbone": model.hparams["backbone"],
@@ -103,6 +102,12 @@ def export(
         },
         "output": {"name": "logits", "softmax": "apply for probabilities"},
     }
+    if model.multi_label:
+        data = checkpoint.get("datamodule_hyper_parameters") or {}
+        meta["multi_label"] = True
+        meta["thresholds"] = model.thresholds.tolist()
+        meta["label_delimiter"] = data.get("label_delimiter", " ")
+        meta["output"] = {"name": output_name, "sigmoid": "applied: a class is in the answer at or above its threshold"}
     Path(f"{target}.json").write_text(json.dumps(meta, indent=2) + "\n")
     say(f"Exported {format} model to {target} (classes and preprocessing in {target}.json)")
     return target
@@ -125,6 +130,9 @@ class OnnxClassifier:
             mean=tuple(steps["mean"]),
             std=tuple(steps["std"]),
         )
+        self.multi_label = bool(self.meta.get("multi_label"))
+        self.thresholds = torch.tensor(self.meta.get("thresholds") or [], dtype=torch.float32)
+        self.delimiter: str | None = self.meta.get("label_delimiter", " ") if self.multi_label else None
         self.run = self.session(path).run
 
     @staticmethod
@@ -136,8 +144,9 @@ class OnnxClassifier:
         return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.run(None, {"images": images.numpy().astype(np.float32)})[0]
-        return torch.from_numpy(logits).softmax(dim=1)
+        """Class probabilities: softmax of the logits, or (multi-label) the network's own sigmoid outputs."""
+        outputs = torch.from_numpy(self.run(None, {"images": images.numpy().astype(np.float32)})[0])
+        return outputs if self.multi_label else outputs.softmax(dim=1)
 
 
 def predict_onnx(
@@ -165,11 +174,15 @@ def predict_onnx(
     data.preprocessing = model.preprocessing
     data.setup("predict")
     path = Path(output) if output else Path(CSVLogger(save_dir=default_root_dir, name="").log_dir) / "predictions.csv"
-    file = PredictionFile(path, data.predict_paths, model.classes)
+    file = PredictionFile(path, data.predict_paths, model.classes, label_delimiter=model.delimiter)
     data.predict_skip = file.begin(file.prepare())
     try:
         for images, _, indices in device_batches(data, data.predict_dataloader(), torch.device("cpu")):
-            top = model.probabilities(images).topk(min(5, len(model.classes)), dim=1)
+            probabilities = model.probabilities(images)
+            if model.multi_label:
+                file.write_sets(indices.tolist(), (probabilities >= model.thresholds).tolist(), probabilities.tolist())
+                continue
+            top = probabilities.topk(min(5, len(model.classes)), dim=1)
             file.write(indices.tolist(), top.indices.tolist(), top.values.tolist())
     finally:
         file.close()

@@ -66,6 +66,13 @@ class Rejected:
         return JSONResponse({"error": self.message}, status_code=self.status)
 
 
+@dataclass(frozen=True)
+class MultiLabelAnswer:
+    """A multi-label model's answer to one image: every class's probability, in class order."""
+
+    probabilities: list[float]
+
+
 class Classifier:
     """A loaded model for serving: a tl_project checkpoint (PyTorch) or an exported .onnx file
     (ONNX Runtime), with its classes and preprocessing. `probabilities` takes uint8 images."""
@@ -80,22 +87,20 @@ class Classifier:
             self.classes, self.image_size = self.onnx.classes, self.onnx.image_size
             self.preprocessing: Preprocessing = self.onnx.preprocessing
             self.backbone, self.tta, self.max_pixels = self.onnx.meta.get("backbone"), "none", DEFAULT_MAX_PIXELS
+            self.multi_label, self.thresholds = self.onnx.multi_label, self.onnx.thresholds
             return
         checkpoint = read_checkpoint(path)
         data = checkpoint.get("datamodule_hyper_parameters") or {}
         self.image_size = int(data.get("image_size", 224))
         self.max_pixels = int(data.get("max_image_pixels", DEFAULT_MAX_PIXELS))
         model = TransferLearningModel.load_from_checkpoint(path, weights=None, map_location="cpu")
-        if model.multi_label:
-            raise UserError(
-                f"{path} is a multi-label model, which serve does not take yet: run it with "
-                "python -m tl_project predict --ckpt_path CKPT."
-            )
         self.model = model.eval().to(self.device)
         if model.hparams["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
         self.classes, self.preprocessing = model.class_names, model.preprocessing
         self.backbone, self.tta = model.hparams["backbone"], model.hparams.get("tta", "none")
+        self.multi_label = model.multi_label
+        self.thresholds = model.thresholds.cpu() if model.multi_label else torch.empty(0)
         # The precision `predict` chooses: fp32 on a CPU, the GPU's fast one on CUDA.
         precision, _ = choose_precision(self.device.type, training=False, batch_size=1, batchnorm_trains=False)
         self.autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
@@ -109,7 +114,7 @@ class Classifier:
         assert self.model is not None
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)):
             logits = self.model.evaluate(normalised)
-        return logits.float().softmax(dim=1).cpu()
+        return (logits.float().sigmoid() if self.multi_label else logits.float().softmax(dim=1)).cpu()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -121,6 +126,8 @@ class Classifier:
             "preprocessing": self.preprocessing.as_dict(),
             "tta": self.tta,
             "max_image_pixels": self.max_pixels,
+            "multi_label": self.multi_label,
+            **({"thresholds": self.thresholds.tolist()} if self.multi_label else {}),
         }
 
 
@@ -212,6 +219,10 @@ class ClassifierAPI(ls.LitAPI):
         outputs: list[Any] = list(images)
         if good:
             probabilities = self.classifier.probabilities(torch.stack([images[i] for i in good]))  # type: ignore[misc]
+            if self.classifier.multi_label:  # every class's probability; encode_response takes the set
+                for row, i in enumerate(good):
+                    outputs[i] = MultiLabelAnswer(probabilities[row].tolist())
+                return outputs if isinstance(x, list) else outputs[0]
             top = probabilities.topk(min(TOP_K, len(self.classifier.classes)), dim=1)
             for row, i in enumerate(good):
                 outputs[i] = list(zip(top.indices[row].tolist(), top.values[row].tolist(), strict=True))
@@ -220,6 +231,10 @@ class ClassifierAPI(ls.LitAPI):
     def encode_response(self, output):  # LitServe reads the annotation: none (a dict or a JSONResponse)
         if isinstance(output, Rejected):
             return output.response()
+        if isinstance(output, MultiLabelAnswer):
+            names, thresholds = self.classifier.classes, self.classifier.thresholds.tolist()
+            chosen = [n for n, p, t in zip(names, output.probabilities, thresholds, strict=True) if p >= t]
+            return {"labels": chosen, "probabilities": dict(zip(names, output.probabilities, strict=True))}
         top = [{"class": self.classifier.classes[c], "probability": p} for c, p in output]
         return {"prediction": top[0]["class"], "probability": top[0]["probability"], "top": top}
 
