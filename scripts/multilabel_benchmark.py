@@ -4,8 +4,9 @@ holding a Fashion-MNIST item of five classes; real ImageNet weights, timm's tf_e
 
     python scripts/multilabel_benchmark.py --out multilabel --seeds 1 2 3
 
-For each seed: the plain loop, and the tool with each `--crops` value as --data.min_crop_scale
-(`none`: --data.augment false). Prints mean ± std of the test mAP; writes --out/multilabel.json.
+For each seed: the plain loop, the tool with each `--crops` value as --data.min_crop_scale
+(`none`: --data.augment false), and the tool along each of `--paths` (tests/outcome_task.py's
+MULTILABEL_PATHS, as shipped). Prints mean ± std of the test mAP; writes --out/multilabel.json.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ is importable from the repository root
 
-from tests.outcome_task import multilabel_map, plain_multilabel_map, write_grid_task
+from tests.outcome_task import MULTILABEL_PATHS, multilabel_map, plain_multilabel_map, write_grid_task
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("multilabel"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--crops", nargs="+", default=["0.5", "1.0", "none"], help="min_crop_scale values, or none")
+    parser.add_argument("--crops", nargs="*", default=["0.5", "1.0", "none"], help="min_crop_scale values, or none")
+    parser.add_argument("--paths", nargs="*", default=[], choices=list(MULTILABEL_PATHS))
+    parser.add_argument("--no-plain", dest="plain", action="store_false", help="leave the plain loop out")
     args = parser.parse_args()
     task = write_grid_task(args.out)
     runs: dict[str, list[float]] = {}
@@ -43,10 +46,13 @@ def main() -> None:
         )
         (args.out / "multilabel.json").write_text(json.dumps(runs, indent=1) + "\n")
 
-    measure("plain PyTorch loop", lambda seed: plain_multilabel_map(task, seed))
+    if args.plain:
+        measure("plain PyTorch loop", lambda seed: plain_multilabel_map(task, seed))
     for crop in args.crops:
-        extra = ["--data.augment", "false"] if crop == "none" else ["--data.min_crop_scale", crop]
+        extra = ["--data.augment", "true", "--data.min_crop_scale", crop] if crop != "none" else []
         measure(f"tool, crop {crop}", lambda seed, extra=extra: multilabel_map(task, seed, *extra))
+    for name in args.paths:
+        measure(f"tool, {name}", lambda seed, name=name: multilabel_map(task, seed, *MULTILABEL_PATHS[name]))
     print(f"Results in {args.out / 'multilabel.json'}")
 
 

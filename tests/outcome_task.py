@@ -220,6 +220,12 @@ def scratch_accuracy(source: str, task: Path, seed: int = 1) -> float:
 # of the five TARGET classes; a picture's labels are the classes it holds (one to four items).
 GRID_TRAIN, GRID_VAL, GRID_TEST = 240, 60, 200  # pictures
 GRID_EPOCHS, GRID_LR = 8, 0.01
+# The multi-label paths that change training, as their flags (beside the default run's).
+MULTILABEL_PATHS: dict[str, list[str]] = {
+    "default": [],
+    "balance_loss": ["--data.balance", "loss"],
+    "mixup_cutmix": ["--model.mixup", "0.2", "--model.cutmix", "1.0"],
+}
 
 
 def write_grid_task(out: Path, seed: int = 0) -> Path:

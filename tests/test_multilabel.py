@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+from tests import processes
 from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main
 from tl_project.checkpoints import read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError
 from tl_project.multilabel import best_f1_thresholds, predicted_sets
+from tl_project.recipe import BatchMix, positive_weights
 from tl_project.serve import Classifier, ClassifierAPI
 from tl_project.transforms import eval_transform
 
@@ -74,8 +76,7 @@ def test_classes_are_every_name_and_targets_are_multi_hot(tmp_path: Path) -> Non
     ("kwargs", "message"),
     [
         ({"labels": None}, r"pass --data.labels FILE"),
-        ({"balance": "sampler"}, r"--data.balance sampler balances single classes"),
-        ({"folds": 3}, r"cv \(--data.folds\) with --data.multi_label true is not supported"),
+        ({"balance": "sampler"}, r"--data.balance sampler draws single classes; .* use --data.balance loss"),
         ({"label_delimiter": ""}, r"--data.label_delimiter is empty"),
     ],
 )
@@ -203,12 +204,46 @@ def test_serve_answers_the_set_and_every_probability(
         )
 
 
-def test_mixing_is_refused_with_multi_label(
+def test_label_smoothing_is_refused_with_multi_label(
     trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     args = fit_args(trained["root"] / "images", tmp_path / "runs", "--data.labels", str(trained["root"] / "labels.csv"))
-    assert exit_code([*args, "--data.multi_label", "true", "--model.mixup", "0.2"]) == 2
-    assert "model.mixup, model.cutmix and model.label_smoothing" in capfd.readouterr().err
+    assert exit_code([*args, "--data.multi_label", "true", "--model.label_smoothing", "0.1"]) == 2
+    assert "model.label_smoothing is for single-label data" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.4, 0.0), (0.0, 1.0)], ids=["mixup", "cutmix"])
+def test_mixing_mixes_the_label_vectors_as_the_images(mixup: float, cutmix: float) -> None:
+    """Image i is the constant i and holds class i alone: a mixed image's mean is then the
+    mixture of the classes, which its mixed label vector must be."""
+    values = torch.arange(6, dtype=torch.float32)
+    images, labels = values.view(6, 1, 1, 1).expand(6, 3, 16, 16).clone(), torch.eye(6)
+    mixed, targets = BatchMix(mixup, cutmix, num_classes=6)(images, labels, seed=3)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(6))
+    assert torch.allclose(mixed.mean(dim=(1, 2, 3)), targets @ values, atol=1e-4)
+    assert not torch.equal(targets, labels)  # something was mixed
+
+
+def test_balance_loss_weighs_each_class_by_its_negatives_over_its_positives(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert positive_weights([10, 30, 0], 40, ["a", "b", "c"]).tolist() == [3.0, pytest.approx(1 / 3), 1.0]
+    root = trained["root"]
+    args = fit_args(root / "images", tmp_path / "runs", "--data.labels", str(root / "labels.csv"))
+    main(
+        [
+            *args,
+            "--data.multi_label",
+            "true",
+            "--data.balance",
+            "loss",
+            "--model.mixup",
+            "0.2",
+            "--trainer.max_epochs",
+            "1",
+        ]
+    )
+    assert "Positive-class weights of the training loss (data.balance loss): blue" in capfd.readouterr().out
 
 
 def test_the_feature_cache_trains_multi_label_heads(trained: dict[str, Path], tmp_path: Path) -> None:
@@ -228,3 +263,46 @@ def test_optimize_refuses_multi_label(
     assert exit_code([*args, "--data.multi_label", "true", "--output", str(tmp_path / "shards")]) == 2
     assert "multi-label shards are not supported yet" in capfd.readouterr().err
     assert not (tmp_path / "shards").exists()
+
+
+def test_cv_flags_the_label_sets_changed_on_purpose(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    root = write_stripes(tmp_path, count=60)
+    rows = read_csv(root / "labels.csv")
+    wrong = {"003.png": "red", "017.png": "blue green", "031.png": "green", "045.png": "blue red"}
+    for row in rows:
+        if row["path"] in wrong:
+            assert set(wrong[row["path"]].split()) != set(row["label"].split())
+            row["label"] = wrong[row["path"]]
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *([r["path"], r["label"]] for r in rows)])
+    args = fit_args(root / "images", tmp_path / "runs", "--data.labels", str(root / "labels.csv"))[1:]
+    main(["cv", *args, "--data.multi_label", "true", "--cv.folds", "3", "--trainer.max_epochs", "3",
+          "--data.batch_size", "16", "--model.optimizer.lr", "0.01", "--data.test_split", "0"])  # fmt: skip
+    folder = tmp_path / "runs" / "cv_0"
+    out_of_fold = read_csv(folder / "out_of_fold.csv")
+    assert len(out_of_fold) == 60  # every image validated once (no test split here)
+    assert list(out_of_fold[0])[:3] == ["path", "given", "predicted"]
+    issues = read_csv(folder / "label_issues.csv")
+    flagged = [Path(row["path"]).name for row in issues]
+    assert len(set(flagged[: 2 * len(wrong)]) & set(wrong)) >= 3, flagged
+    assert "Label issues:" in capfd.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_fits_and_tests_multi_label_with_the_metrics_of_one_process(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two processes: the thresholds come from the validation images of both, and test's mAP and
+    exact match are those of one process on the same checkpoint."""
+    root, runs = trained["root"], tmp_path / "runs"
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    args = fit_args(root / "images", runs, "--data.labels", str(root / "labels.csv"), "--data.multi_label", "true")
+    result = processes.run([*args, "--trainer.max_epochs", "2", "--data.batch_size", "8", *ddp], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = run_dirs(runs)[0] / "checkpoints" / "last.ckpt"
+    result = processes.run_ddp(["test", "--ckpt_path", str(ckpt), *QUIET, *ddp], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    main(["test", "--ckpt_path", str(ckpt), *QUIET, "--trainer.default_root_dir", str(runs)])
+    two, one = (read_csv(run / "metrics.csv")[-1] for run in run_dirs(runs)[-2:])
+    for key in ("test/map", "test/acc", "test/f1_micro"):
+        assert float(two[key]) == pytest.approx(float(one[key]), abs=1e-6), key

@@ -11,6 +11,11 @@ train on it: its predicted probabilities there are out-of-sample. `cv` collects 
 - `label_issues.png`: a grid of the top suspects, each with its given and suggested class.
 
 `--data.exclude label_issues.csv` then leaves them out of the next fit (`data/exclude.py`).
+
+Multi-label: the probabilities are each class's sigmoid, a label is a set (given and
+suggested sets are written joined by spaces), the suggested set is the classes at or above
+the fold model's thresholds, and the issues come from cleanlab's multi-label functions
+(`cleanlab.multilabel_classification`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from cleanlab.filter import find_label_issues as cleanlab_issues
+from cleanlab.multilabel_classification.filter import find_label_issues as cleanlab_multilabel_issues
+from cleanlab.multilabel_classification.rank import get_label_quality_scores as multilabel_quality_scores
 from cleanlab.rank import get_label_quality_scores
 
 from tl_project.data.module import device_batches
@@ -37,21 +44,36 @@ class OutOfFold:
     """The out-of-fold predictions of all folds so far (on rank zero)."""
 
     class_names: list[str]
+    multi_label: bool = False
     names: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
+    labels: list[Any] = field(default_factory=list)  # a class index; multi-label: the sorted class indices
     probabilities: list[list[float]] = field(default_factory=list)
+    # Multi-label: the classes at or above the fold model's thresholds.
+    chosen: list[list[int]] = field(default_factory=list)
     # Where each image can be loaded again, for the grid: (dataset, index).
     sources: list[tuple[Any, int]] = field(default_factory=list)
 
-    def add(self, dataset: Any, rows: dict[int, list[float]]) -> None:
+    def add(self, dataset: Any, rows: dict[int, list[float]], thresholds: list[float] | None = None) -> None:
         for index in sorted(rows):
             self.names.append(dataset.describe(index))
-            self.labels.append(dataset.target(index))
+            target = dataset.target(index)
+            self.labels.append(target.nonzero().flatten().tolist() if self.multi_label else target)
             self.probabilities.append(rows[index])
             self.sources.append((dataset, index))
+            if thresholds is not None:
+                self.chosen.append([c for c, (p, t) in enumerate(zip(rows[index], thresholds, strict=True)) if p >= t])
 
     def accuracy(self) -> dict[str, Any]:
-        """Out-of-fold accuracy, overall and per class."""
+        """Out-of-fold accuracy, overall and per class (multi-label: exact match overall, and per
+        class the share of images whose yes or no for it is right)."""
+        if self.multi_label:
+            truth = np.zeros((len(self.labels), len(self.class_names)), dtype=bool)
+            answer = np.zeros_like(truth)
+            for row, (given, chosen) in enumerate(zip(self.labels, self.chosen, strict=True)):
+                truth[row, given], answer[row, chosen] = True, True
+            right = truth == answer
+            answers = {name: float(right[:, k].mean()) for k, name in enumerate(self.class_names)}
+            return {"accuracy": float(right.all(axis=1).mean()), "per_class": answers, "images": len(truth)}
         predicted = np.asarray(self.probabilities).argmax(axis=1)
         labels = np.asarray(self.labels)
         per_class = {
@@ -69,10 +91,16 @@ def fold_predictions(model: Any, datamodule: Any, trainer: Any) -> dict[int, lis
     rows: dict[int, list[float]] = {}
     for images, _, indices in device_batches(datamodule, datamodule.val_dataloader(), model.device):
         with trainer.precision_plugin.forward_context():
-            probabilities = model.evaluate(images).float().softmax(dim=1)
+            logits = model.evaluate(images).float()
+        probabilities = logits.sigmoid() if model.multi_label else logits.softmax(dim=1)
         rows.update(zip(indices.tolist(), probabilities.cpu().tolist(), strict=True))
     merged = {index: row for part in gather_objects(rows) for index, row in part.items()}
     return merged if trainer.is_global_zero else None
+
+
+def named(oof: OutOfFold, label: Any) -> str:
+    """A label for people: the class name, or (multi-label) the names of the set, space-separated."""
+    return " ".join(oof.class_names[c] for c in label) if oof.multi_label else oof.class_names[label]
 
 
 def write_out_of_fold(oof: OutOfFold, path: Path) -> None:
@@ -80,15 +108,19 @@ def write_out_of_fold(oof: OutOfFold, path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "given", "predicted", *(f"prob_{name}" for name in names)])
-        for name, label, row in zip(oof.names, oof.labels, oof.probabilities, strict=True):
-            predicted = max(range(len(row)), key=row.__getitem__)
-            writer.writerow([name, names[label], names[predicted], *(f"{p:.6f}" for p in row)])
+        for position, (name, label, row) in enumerate(zip(oof.names, oof.labels, oof.probabilities, strict=True)):
+            predicted = oof.chosen[position] if oof.multi_label else max(range(len(row)), key=row.__getitem__)
+            writer.writerow([name, named(oof, label), named(oof, predicted), *(f"{p:.6f}" for p in row)])
 
 
-def find_label_issues(oof: OutOfFold) -> list[tuple[int, int, float]]:
-    """(position, suggested class, quality) of the images cleanlab flags, most suspect first."""
-    labels = np.asarray(oof.labels)
+def find_label_issues(oof: OutOfFold) -> list[tuple[int, Any, float]]:
+    """(position, suggested label, quality) of the images cleanlab flags, most suspect first."""
     probabilities = np.asarray(oof.probabilities, dtype=np.float64)
+    if oof.multi_label:
+        ranked = cleanlab_multilabel_issues(oof.labels, probabilities, return_indices_ranked_by="self_confidence")
+        quality = multilabel_quality_scores(oof.labels, probabilities)
+        return [(int(i), oof.chosen[i], float(quality[i])) for i in ranked]
+    labels = np.asarray(oof.labels)
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     ranked = cleanlab_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
     quality = get_label_quality_scores(labels, probabilities)
@@ -98,12 +130,13 @@ def find_label_issues(oof: OutOfFold) -> list[tuple[int, int, float]]:
 def write_label_issues(oof: OutOfFold, folder: Path) -> dict[str, Any]:
     """label_issues.csv and label_issues.png from the out-of-fold predictions; says how many."""
     names = oof.class_names
-    present = sorted(set(oof.labels))
+    present = {c for label in oof.labels for c in (label if oof.multi_label else [label])}
     if len(present) < 2:
         warn("Label issues need at least two classes with images: none ranked.")
         return {"flagged": 0}
     accuracy = oof.accuracy()["per_class"]
-    weak = [name for name, value in accuracy.items() if value is not None and value <= 1 / len(names)]
+    chance = 0.5 if oof.multi_label else 1 / len(names)  # multi-label: each class's yes or no
+    weak = [name for name, value in accuracy.items() if value is not None and value <= chance]
     if weak:
         warn(
             "The out-of-fold model is no better than chance on " + ", ".join(weak) + ": confident learning "
@@ -115,11 +148,12 @@ def write_label_issues(oof: OutOfFold, folder: Path) -> dict[str, Any]:
         writer = csv.writer(f)
         writer.writerow(["path", "given", "suggested", "quality"])
         for position, suggested, quality in issues:
-            writer.writerow([oof.names[position], names[oof.labels[position]], names[suggested], f"{quality:.6f}"])
+            given = named(oof, oof.labels[position])
+            writer.writerow([oof.names[position], given, named(oof, suggested), f"{quality:.6f}"])
     top = issues[:GRID_IMAGES]
     plot_image_grid(
         [
-            (oof.sources[i][0].load(oof.sources[i][1])[0], f"given: {names[oof.labels[i]]}\nsuggested: {names[s]} ({q:.2f})")
+            (oof.sources[i][0].load(oof.sources[i][1])[0], f"given: {named(oof, oof.labels[i])}\nsuggested: {named(oof, s)} ({q:.2f})")
             for i, s, q in top
         ],
         "Most suspect labels (out-of-fold, cleanlab)",

@@ -32,7 +32,7 @@ from tl_project.multilabel import (
     use_thresholds,
 )
 from tl_project.multilabel import stage_metrics as multilabel_metrics
-from tl_project.recipe import BatchMix, fit_traps, learning_rate_schedule, loss_weights, mix_seed
+from tl_project.recipe import BatchMix, fit_traps, learning_rate_schedule, loss_weights, mix_seed, positive_weights
 from tl_project.runtime import MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
 from tl_project.transforms import Preprocessing
 
@@ -139,10 +139,10 @@ class TransferLearningModel(L.LightningModule):
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         check_options(finetune, cache_features, mixup or cutmix, schedule, warmup_epochs, lr_scheduler)
-        if multi_label and (mixup or cutmix or label_smoothing):
+        if multi_label and label_smoothing:
             raise UserError(
-                "--data.multi_label true trains one yes/no output per class: model.mixup, model.cutmix and "
-                "model.label_smoothing are for single-label data; set them to 0."
+                "--data.multi_label true trains one yes/no output per class: model.label_smoothing is for "
+                "single-label data; set it to 0."
             )
         self.multi_label = multi_label
         self.policy = FinetunePolicy(finetune, unfreeze_at_epoch, backbone_lr_factor, freeze_batchnorm)
@@ -235,7 +235,11 @@ class TransferLearningModel(L.LightningModule):
         self.data_seed = int(getattr(datamodule, "seed", 0))  # MixUp/CutMix draws follow from it
         self.class_weights = None
         if getattr(datamodule, "balance", "none") == "loss":
-            self.class_weights = loss_weights(datamodule.class_counts, self.class_names).to(self.device)
+            if self.multi_label:
+                weights = positive_weights(datamodule.class_counts, datamodule.train_size, self.class_names)
+            else:
+                weights = loss_weights(datamodule.class_counts, self.class_names)
+            self.class_weights = weights.to(self.device)
         if hasattr(datamodule, "train_labels_only"):
             # With the cache, training epochs look features up by index: they need no image.
             datamodule.train_labels_only = bool(self.hparams["cache_features"])
@@ -253,8 +257,9 @@ class TransferLearningModel(L.LightningModule):
         targets = labels
         if stage == "train" and self.mix:
             seed = mix_seed(self.data_seed, self.current_epoch, batch_idx, self.global_rank)
-            images, targets = self.mix(images, labels, seed)  # class probabilities
-            labels = targets.argmax(dim=1)  # for the training accuracy: the larger share
+            images, targets = self.mix(images, labels, seed)  # class probabilities (multi-label: mixed vectors)
+            # For the training metrics: the larger share (multi-label: the classes of at least half weight).
+            labels = (targets >= 0.5).to(labels.dtype) if self.multi_label else targets.argmax(dim=1)
         cached = self.features.get(stage)  # filled for fitting (cache_features): train and val
         if cached is not None and self.trainer.state.fn == TrainerFn.FITTING:
             logits = self.head(cached[indices].to(self.head.weight.dtype))
@@ -262,7 +267,9 @@ class TransferLearningModel(L.LightningModule):
             logits = self.evaluate(images) if stage == "test" else self(images)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         if self.multi_label:
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            # Training: the mixed targets and data.balance loss's pos_weight, where on.
+            soft, weights = (targets, self.class_weights) if stage == "train" else (labels, None)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, soft.to(logits.dtype), pos_weight=weights)
             probabilities, truth = logits.detach().float().sigmoid(), labels.int()
             metrics.update(probabilities, truth)
             if stage == "val":

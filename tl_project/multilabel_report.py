@@ -76,34 +76,37 @@ class MultiLabelReport(Callback):
         self.indices += outputs["indices"].tolist()
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        probabilities, targets = self.collected.compute()  # synchronised across processes, in rank order
+        # Collective calls, on every process: synchronised across processes, in rank order.
+        probabilities, targets = self.collected.compute()
+        model: Any = pl_module
+        per_class = {name: value.cpu() for name, value in model.test_per_class.compute().items()}
         indices = [i for part in gather_objects(self.indices) for i in part]
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
         if trainer.is_global_zero:
             datamodule: Any = trainer.datamodule  # type: ignore[attr-defined]
             thresholds: Any = pl_module.thresholds
             folder = Path(run_dir) / "report"
-            write(folder, probabilities.cpu(), targets.cpu(), indices, thresholds.cpu(), pl_module, datamodule)
+            tested = (probabilities.cpu(), targets.cpu(), indices, per_class)
+            write(folder, tested, thresholds.cpu(), pl_module, datamodule)
             say(f"Test report written to {folder}")
         trainer.strategy.barrier("test report written")
 
 
 def write(
     folder: Path,
-    probabilities: torch.Tensor,
-    targets: torch.Tensor,
-    indices: list[int],
+    tested: tuple[torch.Tensor, torch.Tensor, list[int], dict[str, torch.Tensor]],
     thresholds: torch.Tensor,
     model: Any,
     datamodule: Any,
 ) -> None:
-    """The report's files (see the module's text)."""
+    """The report's files (see the module's text) from what was tested: the probabilities, the
+    targets, their dataset indices and the per-class metrics."""
+    probabilities, targets, indices, per_class = tested
     folder.mkdir(parents=True, exist_ok=True)
     names: list[str] = model.class_names
     logged = {
         k.removeprefix("test/"): float(v) for k, v in model.trainer.callback_metrics.items() if k.startswith("test/")
     }
-    per_class = model.test_per_class.compute()
     metrics = {
         "num_images": len(targets),
         "mean_average_precision": logged.get("map"),

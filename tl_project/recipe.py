@@ -76,24 +76,36 @@ class BatchMix:
     probabilities (each row sums to one)."""
 
     def __init__(self, mixup: float, cutmix: float, num_classes: int) -> None:
-        mixes: list[v2.Transform] = []
-        if mixup > 0:
-            mixes.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
-        if cutmix > 0:
-            mixes.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
-        self.transform = v2.RandomChoice(mixes) if len(mixes) > 1 else mixes[0] if mixes else None
+        self.mixup, self.cutmix = mixup, cutmix
+        self.transform = self.mixes(num_classes)
         self.num_classes = num_classes
+
+    def mixes(self, num_classes: int) -> v2.Transform | None:
+        """torchvision's MixUp and/or CutMix for labels `0 .. num_classes - 1`."""
+        mixes: list[v2.Transform] = []
+        if self.mixup > 0:
+            mixes.append(v2.MixUp(alpha=self.mixup, num_classes=num_classes))
+        if self.cutmix > 0:
+            mixes.append(v2.CutMix(alpha=self.cutmix, num_classes=num_classes))
+        return v2.RandomChoice(mixes) if len(mixes) > 1 else mixes[0] if mixes else None
 
     def __bool__(self) -> bool:
         return self.transform is not None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix a batch; the draws (which mix, its strength, the box) follow from `seed` alone, so
-        a resumed run mixes as an uninterrupted one (see `mix_seed`)."""
+        a resumed run mixes as an uninterrupted one (see `mix_seed`). Multi-hot `labels`
+        (multi-label) are mixed with the same weights as the images: torchvision mixes the
+        images' positions `0 .. n - 1` as labels, whose one-hot rows come back as the weights."""
         assert self.transform is not None, "no mix switched on"
         with torch.random.fork_rng(devices=[]):  # torchvision draws these on the CPU generator
             torch.manual_seed(seed)
-            return self.transform(images, labels)
+            if labels.ndim == 1:
+                return self.transform(images, labels)
+            mix = self.mixes(len(labels))
+            assert mix is not None
+            mixed, weights = mix(images, torch.arange(len(labels), device=labels.device))
+            return mixed, weights @ labels.to(weights.dtype)
 
 
 def mix_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -108,6 +120,17 @@ def balanced_class_weights(counts: Sequence[int]) -> torch.Tensor:
     present = counts_t > 0
     weights = torch.zeros_like(counts_t)
     weights[present] = counts_t.sum() / (present.sum() * counts_t[present])
+    return weights
+
+
+def positive_weights(positives: Sequence[int], total: int, class_names: Sequence[str]) -> torch.Tensor:
+    """Multi-label data.balance loss: each class's `pos_weight` of `BCEWithLogitsLoss`, its
+    negatives over its positives among `total` training images (1 for a class with none),
+    said per class."""
+    counts = torch.tensor(positives, dtype=torch.float32)
+    weights = torch.where(counts > 0, (total - counts) / counts.clamp(min=1), torch.ones_like(counts))
+    listed = ", ".join(f"{name} {w:.3g}" for name, w in zip(class_names, weights.tolist(), strict=True))
+    say(f"Positive-class weights of the training loss (data.balance loss): {listed}")
     return weights
 
 

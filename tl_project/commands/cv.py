@@ -111,8 +111,9 @@ def fit_folds(config: Namespace, folds: int, test: bool, folder: Path) -> tuple[
         row: dict[str, Any] = {"fold": fold, "run": str(trainer.log_dir), "val_acc": float(score)}
         rows = fold_predictions(cli.model, cli.datamodule, trainer)  # before test loads last.ckpt
         if rows is not None:
-            oof = oof or OutOfFold(list(cli.datamodule.class_names))
-            oof.add(cli.datamodule.datasets["val"], rows)
+            oof = oof or OutOfFold(list(cli.datamodule.class_names), cli.datamodule.multi_label)
+            thresholds = cli.model.thresholds.tolist() if cli.model.multi_label else None
+            oof.add(cli.datamodule.datasets["val"], rows, thresholds)
         if test:
             trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last", weights_only=True)
             row["test_acc"] = float(trainer.callback_metrics["test/acc"])

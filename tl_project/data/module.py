@@ -165,10 +165,18 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def class_counts(self) -> list[int]:
-        """Training images per class, in class order (after setup)."""
+        """Training images per class (multi-label: holding the class), in class order (after setup)."""
         if isinstance(self.source, ShardSource):
             return self.source.class_counts(self.class_names)
+        if self.multi_label:  # images holding each class
+            targets: list[Any] = self._targets("train")  # multi-hot vectors
+            return torch.stack(targets).sum(dim=0).int().tolist()
         return torch.bincount(torch.tensor(self._targets("train")), minlength=self.num_classes).tolist()
+
+    @property
+    def train_size(self) -> int:
+        """Training images (after setup)."""
+        return len(self.datasets["train"])
 
     def _targets(self, split: str) -> list[int]:
         """The label of every item of `split`, in index order, without reading an image."""

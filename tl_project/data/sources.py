@@ -303,7 +303,7 @@ def make_source(
     """The source `--data.dataset` names: a torchvision name, litdata, or null for a folder
     (or the CSV of `--data.labels`, single- or multi-label)."""
     if multi_label:
-        check_multi_label(labels, balance, folds, label_delimiter)
+        check_multi_label(labels, balance, label_delimiter)
     if labels is not None:
         if dataset is not None:
             raise UserError(
@@ -324,7 +324,7 @@ def make_source(
     )
 
 
-def check_multi_label(labels: str | None, balance: str, folds: int, delimiter: str) -> None:
+def check_multi_label(labels: str | None, balance: str, delimiter: str) -> None:
     """What multi-label data needs, and what it cannot do yet, with the fix in each message."""
     if labels is None:
         raise UserError(
@@ -333,7 +333,8 @@ def check_multi_label(labels: str | None, balance: str, folds: int, delimiter: s
         )
     if not delimiter:
         raise UserError("--data.label_delimiter is empty: pass the character between classes, e.g. ' ' or ';'.")
-    if balance != "none":
-        raise UserError(f"--data.balance {balance} balances single classes; with --data.multi_label true use none.")
-    if folds:
-        raise UserError("cv (--data.folds) with --data.multi_label true is not supported: fit and test it instead.")
+    if balance == "sampler":
+        raise UserError(
+            "--data.balance sampler draws single classes; with --data.multi_label true use --data.balance loss "
+            "(each class's positives weighted by its negatives over its positives)."
+        )
