@@ -156,6 +156,14 @@ def predicted(trained: dict[str, Path]) -> dict[str, dict[str, str]]:
     return {Path(row["path"]).name: row for row in read_csv(output)}
 
 
+def test_flip_tta_predicts_sets_too(trained: dict[str, Path], tmp_path: Path) -> None:
+    output = tmp_path / "tta.csv"
+    main(["predict", "--ckpt_path", str(trained["ckpt"]), "--data.predict_dir", str(trained["root"] / "images"),
+          "--model.tta", "flip", "--output", str(output), *QUIET])  # fmt: skip
+    rows = read_csv(output)
+    assert len(rows) == 90 and all(set(row["labels"].split()) <= {"blue", "green", "red"} for row in rows)
+
+
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
 def test_export_keeps_the_sigmoid_and_the_thresholds(trained: dict[str, Path], tmp_path: Path, format: str) -> None:
     target = tmp_path / f"model.{format}"
@@ -255,14 +263,34 @@ def test_the_feature_cache_trains_multi_label_heads(trained: dict[str, Path], tm
     assert len(logged) == 2 and float(logged[-1]["train/loss"]) < float(logged[0]["train/loss"])
 
 
-def test_optimize_refuses_multi_label(
+def test_shards_carry_the_label_sets(
     trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    root = trained["root"]
-    args = ["optimize", "--data.root", str(root / "images"), "--data.labels", str(root / "labels.csv")]
-    assert exit_code([*args, "--data.multi_label", "true", "--output", str(tmp_path / "shards")]) == 2
-    assert "multi-label shards are not supported yet" in capfd.readouterr().err
-    assert not (tmp_path / "shards").exists()
+    root, shards = trained["root"], tmp_path / "shards"
+    args = [
+        "--data.root",
+        str(root / "images"),
+        "--data.labels",
+        str(root / "labels.csv"),
+        "--data.multi_label",
+        "true",
+    ]
+    main(["optimize", *args, "--output", str(shards)])
+    meta = json.loads((shards / "tl_project.json").read_text())
+    assert meta["multi_label"] is True and meta["classes"] == ["blue", "green", "red"]
+    truth = {r["path"]: r["label"].split() for r in read_csv(root / "labels.csv")}
+    assert sum(meta["train_counts"].values()) > meta["splits"]["train"]  # some images hold two classes
+    from_shards = ["--data.dataset", "litdata", "--data.root", str(shards)]
+    data = ImageDataModule(dataset="litdata", root=str(shards), multi_label=True, num_workers=0)
+    data.setup("validate")
+    dataset = data.datasets["val"]
+    for index in range(len(dataset)):
+        named = [data.class_names[c] for c in dataset.target(index).nonzero().flatten().tolist()]
+        assert named == sorted(truth[Path(dataset.describe(index)).name])
+    fit = fit_args(root / "images", tmp_path / "runs", *from_shards, "--data.multi_label", "true")
+    main([*fit, "--trainer.max_epochs", "1", "--data.batch_size", "16"])
+    assert exit_code([*fit[:-2], "--data.multi_label", "false"]) == 2
+    assert "hold several classes per image: pass --data.multi_label true" in capfd.readouterr().err
 
 
 def test_cv_flags_the_label_sets_changed_on_purpose(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

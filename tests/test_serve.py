@@ -308,3 +308,48 @@ def test_bad_options_and_files_fail_before_serving(tmp_path: Path, capfd: pytest
     assert "does not exist" in capfd.readouterr().err
     assert exit_code(["serve", "--ckpt_path", "x.ckpt", "--host", "example.com"]) == 2
     assert "--host example.com" in capfd.readouterr().err
+
+
+def test_a_multi_label_model_answers_its_set_and_the_page_shows_it(tmp_path: Path) -> None:
+    """A multi-label checkpoint: `{"labels", "probabilities"}` as predict writes them, and the
+    page marks the classes of the set."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_multilabel import write_stripes
+
+    root = write_stripes(tmp_path / "data", count=60)
+    labels = ("--data.labels", str(root / "labels.csv"), "--data.multi_label", "true")
+    main(fit_args(root / "images", tmp_path / "runs", *labels, "--data.batch_size", "16", "--trainer.max_epochs", "3"))
+    checkpoint = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "last.ckpt"
+    main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(root / "images"),
+          "--output", str(tmp_path / "predicted.csv"), "--data.num_workers", "0"])  # fmt: skip
+    rows = {Path(row["path"]).name: row for row in read_csv(tmp_path / "predicted.csv")}
+    server = Server(tmp_path / "serve.log", "--ckpt_path", str(checkpoint))
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'ud'}"):
+        options.add_argument(flag)
+    try:
+        image = root / "images" / "005.png"
+        answer = server.predict(image.read_bytes()).json()
+        expected = rows[image.name]
+        assert answer["labels"] == expected["labels"].split() and answer["labels"]
+        assert answer["probabilities"] == pytest.approx(
+            {c: float(expected[c]) for c in ("blue", "green", "red")}, abs=1e-4
+        )
+        chrome = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "chromedriver"), options=options)
+        try:
+            chrome.get(f"{server.url}/")
+            WebDriverWait(chrome, 30).until(lambda c: "resnet18" in c.find_element(By.ID, "model").text)
+            chrome.find_element(By.ID, "file").send_keys(str(image))
+            WebDriverWait(chrome, 60).until(lambda c: c.find_elements(By.CSS_SELECTOR, "#bars .row"))
+            chosen = [e.text for e in chrome.find_elements(By.CSS_SELECTOR, "#bars .top-class")]
+            assert sorted(chosen) == sorted(answer["labels"])
+            assert len(chrome.find_elements(By.CSS_SELECTOR, "#bars .row")) == 3
+        finally:
+            chrome.quit()
+    finally:
+        assert server.stop(signal.SIGTERM) == 0, server.log.read_text()

@@ -15,11 +15,6 @@ def run(command: str, args: list[str], description: str, from_sys_argv: bool) ->
     with launched(command, args, from_sys_argv) as args:
         output_help = "Where the shards go: a new or earlier shards folder, or a URL LitData writes to (s3://...)."
         data, config = data_module(command, description, args, **{"--output": {"required": True, "help": output_help}})
-        if data.multi_label:
-            raise UserError(
-                "optimize writes one class per image; multi-label shards are not supported yet: train "
-                "--data.multi_label true from the labels CSV and its image folder."
-            )
         output = str(config.output)
         if not is_url(output):
             target = Path(output).expanduser()
@@ -33,7 +28,10 @@ def run(command: str, args: list[str], description: str, from_sys_argv: bool) ->
             data.setup("predict")
             splits["predict"] = [(path, -1) for path in data.predict_paths]
         settings = {"source": str(data.root), "val_split": data.val_split, "test_split": data.test_split}
-        sizes = write_shards(splits, data.class_names, output, data.root, usable_cores(), data.seed, settings)
+        label_sets = data.source.label_sets if data.multi_label else None  # type: ignore[union-attr]
+        sizes = write_shards(
+            splits, data.class_names, output, data.root, usable_cores(), data.seed, settings, label_sets
+        )
         say(
             f"Wrote {', '.join(f'{split} {n}' for split, n in sizes.items())} images to {output}. "
             f"Use them with --data.dataset litdata --data.root {output}"

@@ -208,7 +208,9 @@ class TableSource(FolderSource):
 class ShardSource:
     """LitData shards (a local folder or a URL) and the record optimize wrote next to them."""
 
-    def __init__(self, root: str | None, balance: str, folds: int, exclude: str | None = None) -> None:
+    def __init__(
+        self, root: str | None, balance: str, folds: int, exclude: str | None = None, multi_label: bool = False
+    ) -> None:
         if not root:
             raise UserError(f"--data.dataset {LITDATA} needs --data.root: the folder or URL optimize wrote.")
         if balance == "sampler":
@@ -223,6 +225,12 @@ class ShardSource:
                             "pass it to the image folder (and optimize again if you need shards).")  # fmt: skip
         self.root = root if is_url(root) else str(Path(root).expanduser())
         self.meta = read_meta(self.root)
+        if bool(self.meta.get("multi_label")) != multi_label:
+            held = "several classes" if self.meta.get("multi_label") else "one class"
+            raise UserError(
+                f"The shards at {self.root} hold {held} per image: pass --data.multi_label "
+                f"{str(bool(self.meta.get('multi_label'))).lower()}."
+            )
 
     def classes(self, expected: list[str] | None) -> list[str]:
         return checked_classes(expected, list(self.meta["classes"]), f" in {self.root}")
@@ -303,7 +311,7 @@ def make_source(
     """The source `--data.dataset` names: a torchvision name, litdata, or null for a folder
     (or the CSV of `--data.labels`, single- or multi-label)."""
     if multi_label:
-        check_multi_label(labels, balance, label_delimiter)
+        check_multi_label(labels if dataset != LITDATA else "shards", balance, label_delimiter)
     if labels is not None:
         if dataset is not None:
             raise UserError(
@@ -312,7 +320,7 @@ def make_source(
         path = Path(root).expanduser() if root is not None else None
         return TableSource(labels, path, label_delimiter if multi_label else None)
     if dataset == LITDATA:
-        return ShardSource(root, balance, folds, exclude)
+        return ShardSource(root, balance, folds, exclude, multi_label)
     path = Path(root).expanduser() if root is not None else None
     if dataset is None:
         return FolderSource(path)

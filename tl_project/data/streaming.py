@@ -60,8 +60,9 @@ def join(location: str, *parts: str) -> str:
     return "/".join([location.rstrip("/"), *parts]) if is_url(location) else str(Path(location, *parts))
 
 
-def _item(job: tuple[str, int, int, str]) -> dict[str, Any]:
-    """One shard item: the file's encoded bytes (decoded at load time), label, index, path."""
+def _item(job: tuple[str, int | str, int, str]) -> dict[str, Any]:
+    """One shard item: the file's encoded bytes (decoded at load time), label (multi-label: its
+    class indices as a string, `"0 2"`), index, path."""
     path, label, index, name = job
     return {"image": Path(path).read_bytes(), "label": label, "index": index, "path": name}
 
@@ -74,18 +75,23 @@ def write_shards(
     workers: int,
     seed: int,
     settings: Mapping[str, Any],
+    label_sets: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, int]:
     """Write each split of `splits` as a LitData dataset under `output/<split>`, and the
     metadata; item paths are relative to `base` when under it. The labelled splits are
     written in a random order drawn from `seed` (predict keeps its order: predictions.csv
-    lists the files as found). Returns the split sizes."""
+    lists the files as found). Multi-label (`label_sets`: the class indices of each sample
+    label): items carry their classes. Returns the split sizes."""
     sizes = {}
     for split, samples in splits.items():
         if not samples:
             continue
         if split != "predict":
             samples = [samples[i] for i in permutation(len(samples), seed)]
-        jobs = [(str(path), label, index, _relative(path, base)) for index, (path, label) in enumerate(samples)]
+        jobs = [
+            (str(path), _label(label, label_sets, split), index, _relative(path, base))
+            for index, (path, label) in enumerate(samples)
+        ]
         optimize(
             fn=_item,
             inputs=jobs,
@@ -100,14 +106,33 @@ def write_shards(
         )
         sizes[split] = len(jobs)
     meta: dict[str, Any] = {"classes": list(class_names), "splits": sizes, "order": ORDER, "seed": seed, **settings}
-    if "train" in splits:  # for data.balance loss
+    meta["multi_label"] = label_sets is not None
+    if "train" in splits:  # for data.balance loss (multi-label: the images holding each class)
         meta["train_counts"] = {name: 0 for name in class_names}
         for _, label in splits["train"]:
-            meta["train_counts"][class_names[label]] += 1
+            for c in label_sets[label] if label_sets is not None else [label]:
+                meta["train_counts"][class_names[c]] += 1
     if "predict" in splits:  # predictions.csv names the images
         meta["predict_paths"] = [_relative(path, base) for path, _ in splits["predict"]]
     _write_text(join(output, META), json.dumps(meta, indent=1) + "\n")
     return sizes
+
+
+def _label(label: int, label_sets: Sequence[Sequence[int]] | None, split: str) -> int | str:
+    """An item's label: the class index, or (multi-label) its classes' indices joined by spaces."""
+    if label_sets is None or split == "predict":
+        return label
+    return " ".join(map(str, label_sets[label]))
+
+
+def multi_hot(label: Any, num_classes: int | None) -> Any:
+    """An item's target: the class index, or (multi-label: `num_classes` given) the multi-hot
+    float vector of its classes."""
+    if num_classes is None:
+        return int(label)
+    target = torch.zeros(num_classes)
+    target[[int(c) for c in str(label).split()]] = 1.0
+    return target
 
 
 def _relative(path: str, base: Path | None) -> str:
@@ -147,8 +172,17 @@ class ShardDataset(StreamingDataset):
     the folder datasets'; augmentation is drawn from `(seed, epoch, index)` alone."""
 
     def __init__(
-        self, shards: str, split: str, transform: Callable, seed: int, shuffle: bool, drop_last: bool | None
+        self,
+        shards: str,
+        split: str,
+        transform: Callable,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool | None,
+        num_classes: int | None = None,
     ) -> None:
+        """`num_classes`: given for multi-label shards, whose targets are multi-hot vectors."""
+        self.num_classes = num_classes
         # item_shuffle_window 0: a full permutation of the items within each chunk (LitData 0.2.76
         # shuffles blocks of 256 consecutive items by default), as the folders' sampler shuffles.
         super().__init__(join(shards, split), shuffle=shuffle, seed=seed, drop_last=drop_last, item_shuffle_window=0)
@@ -167,11 +201,9 @@ class ShardDataset(StreamingDataset):
         """(decoded image, label) of item `index`, untransformed."""
         return self._decoded(StreamingDataset.__getitem__(self, index))
 
-    @staticmethod
-    def _decoded(item: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        return decode_image_bytes(torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8), item["path"]), int(
-            item["label"]
-        )
+    def _decoded(self, item: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        image = decode_image_bytes(torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8), item["path"])
+        return image, multi_hot(item["label"], self.num_classes)
 
     def describe(self, index: int) -> str:
         """The path of item `index` (relative to the folder `optimize` read)."""
@@ -193,8 +225,8 @@ class ShardItems(ImageDataset):
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         return self.shards.load(index)
 
-    def target(self, index: int) -> int:
-        return int(StreamingDataset.__getitem__(self.shards, index)["label"])
+    def target(self, index: int) -> Any:
+        return multi_hot(StreamingDataset.__getitem__(self.shards, index)["label"], self.shards.num_classes)
 
     def describe(self, index: int) -> str:
         return self.shards.describe(index)
@@ -235,6 +267,7 @@ class ShardLoader(StreamingDataLoader):
 def shard_split(shards: str, meta: dict[str, Any], split: str, transform: Callable, seed: int) -> Any:
     """`split` of `shards`: streamed (`ShardDataset`) for training, by index (`ShardItems`) else."""
     sizes = meta.get("splits", {})
+    num_classes = len(meta["classes"]) if meta.get("multi_label") and split != "predict" else None
     if not sizes.get(split):
         hint = " --data.predict_dir DIR" if split == "predict" else ""
         raise UserError(
@@ -249,9 +282,9 @@ def shard_split(shards: str, meta: dict[str, Any], split: str, transform: Callab
                 f"(python -m tl_project optimize --data.root {meta.get('source', 'FOLDER')} --output NEW_FOLDER); "
                 "test, validate and predict still read them."
             )
-        return ShardDataset(shards, split, transform, seed, shuffle=True, drop_last=None)
+        return ShardDataset(shards, split, transform, seed, shuffle=True, drop_last=None, num_classes=num_classes)
     # By index, through the folders' loaders: each image evaluated exactly once under DDP.
-    by_index = ShardDataset(shards, split, transform, seed, shuffle=False, drop_last=False)
+    by_index = ShardDataset(shards, split, transform, seed, shuffle=False, drop_last=False, num_classes=num_classes)
     return ShardItems(by_index, int(sizes[split]), transform)
 
 
