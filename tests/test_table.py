@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,16 @@ def test_check_reports_the_images_the_table_does_not_name(
     table = write_table(tmp_path / "most.csv", rows, ("path", "label"))
     assert exit_code(["check", "--data.root", str(images), "--data.labels", str(table)]) == 0
     assert "6 images under" in capfd.readouterr().out
+
+
+def test_images_the_table_names_are_checked_as_a_folders_are(
+    table: Path, images: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (images / "cat" / "004.png").write_bytes(b"not an image")
+    shutil.copy(images / "dog" / "000.png", images / "dog" / "009.png")  # a train image again, in test
+    assert exit_code(fit_args(images, tmp_path / "runs", "--data.labels", str(table))) == 2
+    err = capfd.readouterr().err
+    assert "1 unusable images" in err and "cat/004.png" in err
+    assert exit_code(["check", "--data.root", str(images), "--data.labels", str(table)]) == 1
+    out = capfd.readouterr().out
+    assert "leakage" in out and "dog/009.png" in out
