@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
 from tests.conftest import COLORS, make_image_folder
+from tests.helpers import exit_code
 from tl_project.data import ImageDataModule
 from tl_project.data.images import load_image, to_rgb
 from tl_project.data.splits import stratified_split
@@ -247,7 +248,9 @@ def _fake_fashion_mnist(folder: Path, train: int = 100, test: int = 20) -> Path:
 def test_fashion_mnist_from_raw_idx_files(tmp_path: Path, layout: str) -> None:
     folder = tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw"
     _fake_fashion_mnist(folder)
-    data = ImageDataModule(root=str(tmp_path), download=False, image_size=32, batch_size=8, num_workers=0)
+    data = ImageDataModule(
+        dataset="FashionMNIST", root=str(tmp_path), download=False, image_size=32, batch_size=8, num_workers=0
+    )
     assert data.num_classes == 10 and data.class_names[0] == "T-shirt/top"
     data.prepare_data()
     data.setup("fit")
@@ -268,7 +271,7 @@ def test_cifar_classes_known_before_the_download(tmp_path: Path) -> None:
 
 
 def test_named_dataset_missing_offline_says_how_to_get_it(tmp_path: Path) -> None:
-    data = ImageDataModule(root=str(tmp_path), download=False)
+    data = ImageDataModule(dataset="FashionMNIST", root=str(tmp_path), download=False)
     with pytest.raises(UserError, match=r"FashionMNIST is not in .*apt-get install dataset-fashion-mnist"):
         data.setup("fit")
 
@@ -277,7 +280,23 @@ def test_failed_download_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr("torchvision.datasets.utils.download_url", _no_download)
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", _no_download)
     with pytest.raises(UserError, match=r"download failed.*/usr/share/datasets/fashion-mnist"):
-        ImageDataModule(root=str(tmp_path)).prepare_data()
+        ImageDataModule(dataset="FashionMNIST", root=str(tmp_path)).prepare_data()
+
+
+def test_a_folder_given_as_root_is_a_folder_and_never_a_download_target(
+    image_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert ImageDataModule(root=str(image_folder)).class_names == ["cat", "dog", "fish"]  # no dataset named
+    before = sorted(p.relative_to(image_folder) for p in image_folder.rglob("*"))
+    with pytest.raises(
+        UserError, match=r"holds your images .* would download FashionMNIST into it.*--data.dataset null"
+    ):
+        ImageDataModule(dataset="FashionMNIST", root=str(image_folder)).prepare_data()
+    runs = str(tmp_path / "runs")
+    args = ["fit", "--config", "base", "--data.root", str(image_folder), "--trainer.default_root_dir", runs]
+    args += ["--model.backbone", "resnet18", "--model.weights", "null"]  # the data's problem, not the weights'
+    assert exit_code(args) == 2 and "Nothing was written." in capfd.readouterr().err
+    assert sorted(p.relative_to(image_folder) for p in image_folder.rglob("*")) == before
 
 
 def _no_download(*args: object, **kwargs: object) -> None:
@@ -288,7 +307,9 @@ def _no_download(*args: object, **kwargs: object) -> None:
     not DEBIAN_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
 )
 def test_real_fashion_mnist_from_debian_package() -> None:
-    data = ImageDataModule(root=str(DEBIAN_FASHION_MNIST), download=False, image_size=32, num_workers=0)
+    data = ImageDataModule(
+        dataset="FashionMNIST", root=str(DEBIAN_FASHION_MNIST), download=False, image_size=32, num_workers=0
+    )
     data.setup("fit")
     data.setup("test")
     sizes = {split: len(data.datasets[split]) for split in ("train", "val", "test")}

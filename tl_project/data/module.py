@@ -70,7 +70,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: str | None = "FashionMNIST",
+        dataset: str | None = None,
         root: str | None = "data",
         download: bool = True,
         batch_size: int = 32,
@@ -97,7 +97,7 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            dataset: A torchvision dataset name (MNIST, FashionMNIST, CIFAR10, CIFAR100), or null for an image folder.
+            dataset: A torchvision dataset name (MNIST, FashionMNIST, CIFAR10, CIFAR100), or null (the default) for an image folder: --data.root is then yours, never a place for a download.
             root: The image folder, or where a named dataset is stored or downloaded; null for none (predict only).
             download: Download a named dataset into root when it is not there.
             batch_size: Images per batch and per device.

@@ -7,12 +7,14 @@ installs them.
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
 import torch
 import torchvision
 
+from tl_project.data.images import is_image_file
 from tl_project.errors import UserError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -72,17 +74,39 @@ def _missing_dataset(name: str, root: Path, reason: str) -> UserError:
 
 
 def download_named(name: str, root: Path) -> None:
-    """Download `name` into `root` with torchvision unless it is already there."""
+    """Download `name` into `root` with torchvision unless it is already there; never into a
+    folder of the user's own images."""
     if name in ("MNIST", "FashionMNIST") and all(
         _idx_file(root, name, stem) for train in (True, False) for stem in _mnist_stems(train)
     ):
         return
+    if (images := image_folder_in(root)) is not None:
+        raise UserError(
+            f"--data.root {root} holds your images ({images} has image files), and --data.dataset {name} would "
+            f"download {name} into it. To train on your images pass --data.dataset null (or --config "
+            f"configs/folder.yaml); for {name}, pass another --data.root. Nothing was written."
+        )
     dataset_class = getattr(torchvision.datasets, name)
     try:
         for train in (True, False):
             dataset_class(str(root), train=train, download=True)
     except Exception as error:
         raise _missing_dataset(name, root, f"the download failed: {error}") from None
+
+
+def image_folder_in(root: Path, look: int = 50) -> Path | None:
+    """A class folder of `root` (or a split's) with image files among its first `look` entries,
+    if any: then `root` is an image folder, not a place for a download."""
+    if not root.is_dir():
+        return None
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    folders += [p for split in folders if split.name in ("train", "val", "test") for p in split.iterdir() if p.is_dir()]
+    for folder in folders:
+        with os.scandir(folder) as entries:
+            for _, entry in zip(range(look), entries, strict=False):
+                if entry.is_file() and is_image_file(Path(entry.path)):
+                    return folder
+    return None
 
 
 def read_named(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
