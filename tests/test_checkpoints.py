@@ -132,6 +132,8 @@ def test_ckpt_path_last_finds_the_newest_run(
 ) -> None:
     runs = tmp_path / "runs"
     main(["test", "--ckpt_path", "last", "--trainer.default_root_dir", str(runs), *QUIET])
-    assert ACCURACY_LINE.search(capfd.readouterr().out)
+    out = capfd.readouterr().out
+    assert ACCURACY_LINE.search(out)
+    assert "--ckpt_path last: " in out and "of the newest run with a last.ckpt" in out
     assert exit_code(["test", "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "none")]) == 2
     assert "no " in capfd.readouterr().err

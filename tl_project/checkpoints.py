@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from tl_project.errors import UserError, class_mismatch
+from tl_project.runtime import say
 
 # What LightningCLI records when it builds the model; anything else is refused.
 TRUSTED_INSTANTIATORS = frozenset({"lightning.pytorch.cli.instantiate_module"})
@@ -104,6 +105,10 @@ def find_checkpoint(value: str, root_dir: str | Path) -> str:
             "Pass --ckpt_path PATH, or --trainer.default_root_dir where the runs are."
         )
     newest = max(candidates, key=lambda p: int(p.parts[-3].removeprefix("version_")))
+    say(
+        f"--ckpt_path {value}: {newest}, of the newest run with a {value}.ckpt ({len(candidates)} runs have one "
+        f"under {runs}; pass a file's path to take another)"
+    )
     return str(newest)
 
 
