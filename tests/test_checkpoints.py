@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import yaml
 from PIL import Image
 
-from tests.helpers import ACCURACY_LINE, MARKER_ENV, QUIET, exit_code, fit_args, run_dirs
+from tests.helpers import ACCURACY_LINE, MARKER_ENV, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import TransferLearningModel, main
 from tl_project.backbones import build_backbone, hub_file
 from tl_project.checkpoints import read_checkpoint
@@ -137,3 +138,17 @@ def test_ckpt_path_last_finds_the_newest_run(
     assert "--ckpt_path last: " in out and "of the newest run with a last.ckpt" in out
     assert exit_code(["test", "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "none")]) == 2
     assert "no " in capfd.readouterr().err
+
+
+def test_fit_resumes_with_the_runs_own_settings_and_flags_still_win(image_folder: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    main(fit_args(image_folder, runs, "--trainer.max_epochs", "1", "--model.optimizer.lr", "0.02"))
+    last = run_dirs(runs)[0] / "checkpoints" / "last.ckpt"
+    # No backbone, weights, data or optimizer flags: they come from the run (no resnet50 weights
+    # to fetch, no Fashion-MNIST to download); a flag still wins.
+    main(["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "2", "--data.batch_size", "5", *QUIET])
+    resumed = yaml.safe_load((run_dirs(runs)[1] / "config.yaml").read_text())
+    assert resumed["model"]["backbone"] == "resnet18" and resumed["data"]["image_size"] == 32
+    assert resumed["model"]["optimizer"]["init_args"]["lr"] == 0.02 and resumed["data"]["batch_size"] == 5
+    epochs = {row["epoch"] for row in read_csv(run_dirs(runs)[1] / "metrics.csv") if row.get("val/acc")}
+    assert epochs == {"1"}  # only the epoch after the checkpoint's

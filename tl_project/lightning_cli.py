@@ -97,6 +97,20 @@ def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return defaults
 
 
+def run_config(ckpt_path: str) -> str | None:
+    """The config a resumed `fit` starts from, as YAML: the run's own `config.yaml` (beside its
+    `checkpoints/` folder), without pretrained weights to load (the checkpoint holds them all)
+    and without its `ckpt_path`; None when the checkpoint is not in a run folder."""
+    saved = Path(ckpt_path).resolve().parents[1] / "config.yaml"
+    if not saved.is_file():
+        return None
+    config = yaml.safe_load(saved.read_text()) or {}
+    config.pop("ckpt_path", None)
+    if isinstance(config.get("model"), dict):
+        config["model"]["weights"] = None
+    return yaml.safe_dump(config)
+
+
 class TransferLearningCLI(LightningCLI):
     """LightningCLI with tl_project's links, default callbacks and checkpoint-driven evaluation."""
 
@@ -156,6 +170,11 @@ class TransferLearningCLI(LightningCLI):
             # The checkpoint's settings become defaults, then parse again: configs and flags win.
             parser.set_defaults({f"{subcommand}.{k}": v for k, v in checkpoint_defaults(checkpoint).items()})
             super().parse_arguments(parser, args)
+        elif subcommand == "fit" and (resumed := run_config(ckpt_path)) is not None:
+            # Resuming: the run's own config first, then the command's configs and flags.
+            argv = list(args) if args is not None else sys.argv[1:]
+            at = argv.index("fit") + 1 if "fit" in argv else 0
+            super().parse_arguments(parser, [*argv[:at], "--config", resumed, *argv[at:]])
         self.config[subcommand].ckpt_path = ckpt_path
 
     def _parse_ckpt_path(self) -> None:
