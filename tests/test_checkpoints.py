@@ -152,3 +152,28 @@ def test_fit_resumes_with_the_runs_own_settings_and_flags_still_win(image_folder
     assert resumed["model"]["optimizer"]["init_args"]["lr"] == 0.02 and resumed["data"]["batch_size"] == 5
     epochs = {row["epoch"] for row in read_csv(run_dirs(runs)[1] / "metrics.csv") if row.get("val/acc")}
     assert epochs == {"1"}  # only the epoch after the checkpoint's
+
+
+def test_early_stopping_is_one_option_and_says_when_it_stopped(
+    image_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    # lr 0: val/acc never improves after the first validation.
+    main(
+        fit_args(
+            image_folder,
+            runs,
+            "--trainer.max_epochs",
+            "6",
+            "--model.optimizer.lr",
+            "0",
+            "--early_stopping.patience",
+            "2",
+        )
+    )
+    out = capfd.readouterr().out
+    assert "Stopped early after epoch 2: val/acc did not improve for 2 validations" in out
+    epochs = {row["epoch"] for row in read_csv(run_dirs(runs)[0] / "metrics.csv") if row.get("val/acc")}
+    assert epochs == {"0", "1", "2"}
+    assert exit_code(fit_args(image_folder, tmp_path / "other", "--early_stopping.patience", "0")) == 2
+    assert "early_stopping.patience is 0" in capfd.readouterr().err

@@ -1,5 +1,6 @@
-"""Small callbacks: checkpoints (`best.ckpt`, a current `last.ckpt`), the prediction writer,
-the end-of-fit summary, the divergence guard. (The test report's callback is in report.py.)"""
+"""Small callbacks: checkpoints (`best.ckpt`, a current `last.ckpt`), early stopping, the
+prediction writer, the end-of-fit summary, the divergence guard. (The test report's callback
+is in report.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tl_project.errors import UserError
@@ -148,6 +149,40 @@ class PredictionWriter(BasePredictionWriter):
             self.file.finish()
         # Every rank leaves together: none tears down the process group while rank 0 still writes.
         trainer.strategy.barrier("predictions written")
+
+
+class EarlyStop(EarlyStopping):
+    """Lightning's EarlyStopping, off unless `patience` is given, and saying when it stopped."""
+
+    def __init__(
+        self, patience: int | None = None, monitor: str = "val/acc", mode: str = "max", min_delta: float = 0.0
+    ) -> None:
+        """
+        Args:
+            patience: Stop fitting after this many validations without improvement of monitor; null: never stop early.
+            monitor: The validation metric to watch (as the best checkpoint's: val/acc).
+            mode: max when higher is better (accuracy), min when lower is (loss).
+            min_delta: The least change of monitor that counts as an improvement.
+        """
+        if patience is not None and patience < 1:
+            raise UserError(f"early_stopping.patience is {patience}; pass 1 or more, or null to never stop early.")
+        super().__init__(monitor=monitor, mode=mode, patience=patience or 1, min_delta=min_delta)
+        self.enabled = patience is not None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled:
+            super().on_validation_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled and self.stopped_epoch:
+            say(
+                f"Stopped early after epoch {self.stopped_epoch}: {self.monitor} did not improve for {self.patience} "
+                f"validations (best {self.best_score.item():.4f}; --early_stopping.patience sets the wait)."
+            )
 
 
 class FitSummary(Callback):

@@ -41,7 +41,7 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tl_project.backbones import check_input_size
-from tl_project.callbacks import Checkpoint, DivergenceGuard, FitSummary, PredictionWriter
+from tl_project.callbacks import Checkpoint, DivergenceGuard, EarlyStop, FitSummary, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import PROG, UserError
@@ -131,10 +131,13 @@ class TransferLearningCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.multi_label", "model.multi_label", apply_on="instantiate")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.add_lightning_class_args(EarlyStop, "early_stopping")
         parser.set_defaults(
             {
                 "model.optimizer": RECIPE_OPTIMIZER,
                 "checkpoint.monitor": MONITOR,
+                "early_stopping.monitor": MONITOR,
+                "early_stopping.mode": MONITOR_MODE,
                 "checkpoint.mode": MONITOR_MODE,
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch={epoch}-val_acc={val/acc:.4f}",
