@@ -60,17 +60,19 @@ def _mnist_stems(train: bool) -> tuple[str, str]:
     return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
 
-def _missing_dataset(name: str, root: Path, reason: str) -> UserError:
+def _missing_dataset(name: str, root: Path, reason: str, tried_download: bool = False) -> UserError:
     hint = ""
     if name == "FashionMNIST":
         hint = (
             " Offline, Debian's package provides it: apt-get install dataset-fashion-mnist, "
             "then --data.root /usr/share/datasets/fashion-mnist."
         )
-    return UserError(
-        f"{name} is not in {root} ({reason}). Pass --data.download true to download it "
-        f"into --data.root, or --data.root pointing at a copy.{hint}"
+    fix = (
+        "Check the network, or pass --data.root pointing at a copy."
+        if tried_download
+        else "Pass --data.download true to download it into --data.root, or --data.root pointing at a copy."
     )
+    return UserError(f"{name} is not in {root} ({reason}). {fix}{hint}")
 
 
 def download_named(name: str, root: Path) -> None:
@@ -91,7 +93,7 @@ def download_named(name: str, root: Path) -> None:
         for train in (True, False):
             dataset_class(str(root), train=train, download=True)
     except Exception as error:
-        raise _missing_dataset(name, root, f"the download failed: {error}") from None
+        raise _missing_dataset(name, root, f"the download failed: {error}", tried_download=True) from None
 
 
 def image_folder_in(root: Path, look: int = 50) -> Path | None:
