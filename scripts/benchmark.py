@@ -187,6 +187,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision, why = fast_precision("auto")
     data = ImageDataModule(
+        dataset="FashionMNIST",
         root=args.root,
         download=False,
         image_size=args.image_size,

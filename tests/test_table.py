@@ -143,3 +143,12 @@ def test_images_the_table_names_are_checked_as_a_folders_are(
     assert exit_code(["check", "--data.root", str(images), "--data.labels", str(table)]) == 1
     out = capfd.readouterr().out
     assert "leakage" in out and "dog/009.png" in out
+
+
+def test_tune_and_single_label_cv_read_the_table(table: Path, images: Path, tmp_path: Path) -> None:
+    args = fit_args(images, tmp_path / "runs", "--data.labels", str(table), "--trainer.max_epochs", "1")[1:]
+    main(["tune", *args, "--tune.steps", "20", "--tune.min_lr", "1e-6"])
+    assert (run_dirs(tmp_path / "runs")[0] / "tuned.yaml").is_file()
+    main(["cv", *args, "--cv.folds", "2"])
+    out_of_fold = read_csv(tmp_path / "runs" / "cv_0" / "out_of_fold.csv")
+    assert len(out_of_fold) == 24 and {row["given"] for row in out_of_fold} == {"aquatic", "canine", "feline"}

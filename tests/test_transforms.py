@@ -91,7 +91,7 @@ def test_in_memory_items_are_seeded_by_epoch_and_index() -> None:
 
 
 def test_data_module_crops_named_datasets_after_the_transfer() -> None:
-    data = ImageDataModule(root=None, image_size=40, batch_size=4, num_workers=0)
+    data = ImageDataModule(dataset="FashionMNIST", root=None, image_size=40, batch_size=4, num_workers=0)
     data.datasets["train"] = TensorImageDataset(_images(4, 28, 28)[:, 0], torch.arange(4), CropSampler(40, 0.5))
     batch = next(iter(data.train_dataloader()))
     assert batch[0].dtype == torch.uint8 and batch[0].shape == (4, 3, 28, 28) and batch[3].shape == (4, 5)
