@@ -41,7 +41,7 @@ COMMANDS: dict[str, Command] = {
         "lightning",
     ),
     "check": Command(
-        "Check an image folder: unusable images, wrong extensions, duplicates, leakage, class counts.",
+        "Check an image folder (or a labels CSV): unusable images, conflicting labels, duplicates, leakage, class counts.",
         "every core of this machine (worker processes)",
         "check",
     ),
