@@ -67,7 +67,7 @@ def split_name(name: str) -> tuple[str, str | None]:
     """`timm/convnext_tiny.fb_in22k` -> (`convnext_tiny`, `fb_in22k`); the tag may be absent."""
     architecture, _, tag = name.removeprefix(PREFIX).partition(".")
     require_timm()
-    if architecture not in architectures():
+    if not timm.is_model(architecture):
         close = difflib.get_close_matches(architecture, architectures(), n=5, cutoff=0.6)
         hint = f"Did you mean {', '.join(PREFIX + c for c in close)}?" if close else "No timm model has a close name."
         raise UserError(
