@@ -32,7 +32,7 @@ from tl_project.data.folders import Splits, carve, folder_classes, folder_splits
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, fold_split, stratified_split
 from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, is_url, read_meta, shard_loader, shard_split
-from tl_project.data.table import check_training_images, read_table, table_classes
+from tl_project.data.table import Row, check_training_images, read_table, table_classes
 from tl_project.errors import UserError, class_mismatch
 from tl_project.transforms import CropSampler
 
@@ -171,20 +171,27 @@ class TableSource(FolderSource):
         self.file = Path(labels).expanduser()
         self.delimiter = delimiter
         self.label_sets: list[tuple[int, ...]] = []
+        self._rows: list[Row] | None = None
+
+    @property
+    def rows(self) -> list[Row]:
+        """The table's rows, read and checked once (every row's file is looked at)."""
+        if self._rows is None:
+            self._rows = read_table(self.file, self.root, self.delimiter)
+        return self._rows
 
     def classes(self, expected: list[str] | None) -> list[str]:
         if not self.file.is_file() and expected is not None:
             return list(expected)  # predict where the training table is gone: checked when read
-        rows = read_table(self.file, self.root, self.delimiter)
-        found = table_classes(rows, self.delimiter)
-        check_training_images(rows, found, self.file, self.delimiter)
+        found = table_classes(self.rows, self.delimiter)
+        check_training_images(self.rows, found, self.file, self.delimiter)
         return checked_classes(expected, found, f" in {self.file}")
 
     def samples(self, data: ImageDataModule) -> Splits:
         index = {name: label for label, name in enumerate(data.class_names)}
         codes = {labels: code for code, labels in enumerate(self.label_sets)}
         grouped: Splits = {}
-        for row in read_table(self.file, self.root, self.delimiter):
+        for row in self.rows:
             if self.delimiter is None:
                 label = index[row.label]
             else:
