@@ -87,6 +87,13 @@ class FolderDataset(ImageDataset):
         return str(self.samples[index][0])
 
 
+def multi_hot(classes: Sequence[int], num_classes: int) -> torch.Tensor:
+    """The float vector with 1 at `classes`, 0 elsewhere: a multi-label target."""
+    target = torch.zeros(num_classes)
+    target[list(classes)] = 1.0
+    return target
+
+
 class MultiLabelDataset(FolderDataset):
     """(image, targets) pairs of a multi-label table: a sample's label is the number of its
     label set in `label_sets`, its target (`load`, `target`) the multi-hot float vector of
@@ -101,9 +108,7 @@ class MultiLabelDataset(FolderDataset):
         num_classes: int,
     ) -> None:
         super().__init__(samples, transform, seed)
-        self.targets = torch.zeros(len(label_sets), num_classes)
-        for code, classes in enumerate(label_sets):
-            self.targets[code, list(classes)] = 1.0
+        self.targets = torch.stack([multi_hot(classes, num_classes) for classes in label_sets])
 
     def load(self, index: int) -> tuple[torch.Tensor, Any]:
         path, code = self.samples[index]

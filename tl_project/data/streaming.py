@@ -37,7 +37,7 @@ from litdata import StreamingDataLoader, StreamingDataset, optimize
 # pyproject.toml and watched by tests/test_cli.py::test_private_lightning_members_in_use_still_exist).
 from litdata.streaming.fs_provider import _get_fs_provider
 
-from tl_project.data.datasets import ImageDataset
+from tl_project.data.datasets import ImageDataset, multi_hot
 from tl_project.data.images import decode_image_bytes
 from tl_project.data.splits import permutation
 from tl_project.errors import UserError
@@ -125,14 +125,12 @@ def _label(label: int, label_sets: Sequence[Sequence[int]] | None, split: str) -
     return " ".join(map(str, label_sets[label]))
 
 
-def multi_hot(label: Any, num_classes: int | None) -> Any:
+def item_target(label: Any, num_classes: int | None) -> Any:
     """An item's target: the class index, or (multi-label: `num_classes` given) the multi-hot
     float vector of its classes."""
     if num_classes is None:
         return int(label)
-    target = torch.zeros(num_classes)
-    target[[int(c) for c in str(label).split()]] = 1.0
-    return target
+    return multi_hot([int(c) for c in str(label).split()], num_classes)
 
 
 def _relative(path: str, base: Path | None) -> str:
@@ -203,7 +201,7 @@ class ShardDataset(StreamingDataset):
 
     def _decoded(self, item: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         image = decode_image_bytes(torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8), item["path"])
-        return image, multi_hot(item["label"], self.num_classes)
+        return image, item_target(item["label"], self.num_classes)
 
     def describe(self, index: int) -> str:
         """The path of item `index` (relative to the folder `optimize` read)."""
@@ -226,7 +224,7 @@ class ShardItems(ImageDataset):
         return self.shards.load(index)
 
     def target(self, index: int) -> Any:
-        return multi_hot(StreamingDataset.__getitem__(self.shards, index)["label"], self.shards.num_classes)
+        return item_target(StreamingDataset.__getitem__(self.shards, index)["label"], self.shards.num_classes)
 
     def describe(self, index: int) -> str:
         return self.shards.describe(index)
