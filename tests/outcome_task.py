@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import random
 import shutil
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import timm
 import torch
 from PIL import Image
@@ -325,3 +327,95 @@ def plain_multilabel_map(task: Path, seed: int = 1) -> float:
     with torch.no_grad():
         probabilities = model(test_x).sigmoid()
     return float(multilabel_average_precision(probabilities, test_y.int(), len(classes), average="macro"))
+
+
+# The trust task (calibration, the answer threshold, class-activation maps): one item of the
+# five target classes in a random quadrant of a blank 56 px picture, shown at 112 px. The
+# file name records the quadrant (`N-qK.png`, K = row * 2 + column), so that a map's peak
+# can be checked against where the item is.
+QUADRANT_TRAIN, QUADRANT_VAL, QUADRANT_TEST = 40, 40, 100  # a class
+QUADRANT_SIZE, QUADRANT_EPOCHS = 64, 15
+TARGET_ACCURACY = 0.8
+
+
+def write_quadrant_task(out: Path, seed: int = 0) -> Path:
+    """`out/quadrant/{train,val,test}/<class>/N-qK.png`."""
+    images, labels = read_named("FashionMNIST", FASHION_MNIST, train=True)
+    test_images, test_labels = read_named("FashionMNIST", FASHION_MNIST, train=False)
+    names = [name.replace("/", "-") for name in NAMED_DATASETS["FashionMNIST"]]
+    rng = random.Random(seed)
+    for label in TARGET:
+        pool = labels.eq(label).nonzero().flatten().tolist()
+        tests = test_labels.eq(label).nonzero().flatten().tolist()
+        splits = {
+            "train": (images, pool[:QUADRANT_TRAIN]),
+            "val": (images, pool[QUADRANT_TRAIN : QUADRANT_TRAIN + QUADRANT_VAL]),
+            "test": (test_images, tests[:QUADRANT_TEST]),
+        }
+        for split, (source, indices) in splits.items():
+            folder = out / "quadrant" / split / names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in indices:
+                cell = rng.randrange(4)
+                row, column = divmod(cell, 2)
+                picture = torch.zeros(56, 56, dtype=torch.uint8)
+                picture[28 * row : 28 * row + 28, 28 * column : 28 * column + 28] = source[i]
+                Image.fromarray(picture.numpy()).save(folder / f"{i}-q{cell}.png")
+    return out
+
+
+def map_quadrant(cam: Path) -> int:
+    """The quadrant (row * 2 + column) of a grayscale map's brightest pixel."""
+    with Image.open(cam) as picture:
+        pixels = torch.from_numpy(np.asarray(picture).copy())
+    row, column = divmod(int(pixels.argmax()), pixels.shape[1])
+    return (2 * row // pixels.shape[0]) * 2 + (2 * column // pixels.shape[1])
+
+
+def trust_outcomes(task: Path, weights: Path | str, seed: int = 1) -> dict[str, float]:
+    """Fit on the quadrant task with `--model.target_accuracy`, test, and predict the test
+    images with `--explain`: the report's calibration and answer numbers, and the share of
+    correct answers whose map peaks in the item's quadrant."""
+    runs = task / "runs" / f"trust-seed{seed}"
+    root = task / "quadrant"
+    fit = [
+        "fit",
+        *common_args(str(root), runs, seed, size=QUADRANT_SIZE),
+        *("--model.weights", str(weights), "--trainer.max_epochs", str(QUADRANT_EPOCHS)),
+        *("--data.batch_size", str(BATCH), "--model.optimizer.lr", str(LR)),
+        *("--model.target_accuracy", str(TARGET_ACCURACY)),
+    ]
+    try:
+        main(fit)
+        main(["test", "--ckpt_path", "last", *QUIET, "--trainer.default_root_dir", str(runs)])
+        newest = max(runs.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+        metrics = json.loads((newest / "report" / "metrics.json").read_text())
+        maps = runs / "maps"
+        predict = ["predict", "--ckpt_path", "last", "--data.predict_dir", str(root / "test"), *QUIET]
+        main(
+            [*predict, "--trainer.default_root_dir", str(runs), "--output", str(runs / "p.csv"), "--explain", str(maps)]
+        )
+        with open(runs / "p.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        correct = [Path(row["path"]) for row in rows if Path(row["path"]).parent.name == row["prediction"]]
+        on_item = [
+            path
+            for path in correct
+            if map_quadrant(maps / path.parent.name / f"{path.name}.cam.png") == int(path.stem.split("-q")[1])
+        ]
+        return {
+            "accuracy": metrics["acc"],
+            "ece": metrics["expected_calibration_error"],
+            "ece_uncalibrated": metrics["expected_calibration_error_uncalibrated"],
+            "temperature": metrics["temperature"],
+            "min_probability": metrics["answers"]["min_probability"],
+            "coverage": metrics["answers"]["coverage"],
+            "accuracy_answered": metrics["answers"]["accuracy_answered"] or 0.0,
+            "answered": metrics["answers"]["answered"],
+            "maps_on_item": len(on_item) / max(1, len(correct)),
+            "correct": len(correct),
+        }
+    finally:
+        for folder in runs.glob("version_*/checkpoints"):
+            shutil.rmtree(folder)
+        shutil.rmtree(runs / "maps", ignore_errors=True)

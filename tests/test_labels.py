@@ -58,14 +58,14 @@ def test_out_of_fold_predicts_every_image_once_by_a_model_that_did_not_see_it(cv
         val, train = {str(p) for p, _ in splits["val"]}, {str(p) for p, _ in splits["train"]}
         fold_rows = [row for row in rows if row["path"] in val]
         assert fold_rows and not any(row["path"] in train for row in fold_rows)
-        # The probabilities are those of this fold's final model.
+        # The probabilities are those of this fold's final model, calibrated as everywhere.
         model = TransferLearningModel.load_from_checkpoint(
             next((folder / f"fold_{fold}").glob("version_*/checkpoints/last.ckpt")), weights=None
         ).eval()
         row = fold_rows[0]
         image = FolderDataset([(Path(row["path"]), 0)], eval_transform(32))[0][0]
         with torch.no_grad():
-            expected = model(normalize(image[None])).softmax(dim=1)[0].tolist()
+            expected = model.evaluate(normalize(image[None])).softmax(dim=1)[0].tolist()
         got = [float(row[f"prob_{name}"]) for name in model.class_names]
         assert got == pytest.approx(expected, abs=1e-4)
         assert row["given"] == Path(row["path"]).parent.name

@@ -21,7 +21,7 @@ from tl_project.data import ImageDataModule
 from tl_project.errors import UserError
 from tl_project.multilabel import best_f1_thresholds, predicted_sets
 from tl_project.recipe import BatchMix, positive_weights
-from tl_project.serve import Classifier, ClassifierAPI
+from tl_project.serve import Classifier, ClassifierAPI, Upload
 from tl_project.transforms import eval_transform
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 220, 40), "blue": (40, 40, 220)}
@@ -204,7 +204,8 @@ def test_serve_answers_the_set_and_every_probability(
     api.transform = eval_transform(api.classifier.image_size, api.classifier.preprocessing)
     assert api.classifier.describe()["multi_label"] is True
     for name in ("000.png", "001.png", "002.png"):
-        answer = api.encode_response(api.predict((trained["root"] / "images" / name).read_bytes()))
+        upload = Upload((trained["root"] / "images" / name).read_bytes(), explain=False)
+        answer = api.encode_response(api.predict(upload))
         expected = predicted[name]
         assert answer["labels"] == expected["labels"].split()
         assert answer["probabilities"] == pytest.approx(

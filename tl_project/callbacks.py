@@ -96,9 +96,10 @@ class PredictionWriter(BasePredictionWriter):
 
     FILENAME = "predictions.csv"
 
-    def __init__(self, output: str | None = None) -> None:
+    def __init__(self, output: str | None = None, min_probability: float | None = None) -> None:
+        """`min_probability`: the answer threshold; default the checkpoint's."""
         super().__init__(write_interval="batch")
-        self.output = output
+        self.output, self.min_probability = output, min_probability
         self.file: PredictionFile | None = None
         self.path: Path | None = None
 
@@ -122,6 +123,17 @@ class PredictionWriter(BasePredictionWriter):
         if problem:
             raise UserError(problem)
         datamodule.predict_skip = self.file.begin(attempt)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the checkpoint is loaded: the answer threshold it carries, unless one was given."""
+        assert self.file is not None
+        if self.min_probability is not None and getattr(pl_module, "multi_label", False):
+            raise UserError(
+                "--min_probability marks single-label answers; a multi-label model answers each class at its own "
+                "threshold (in the checkpoint): leave it out."
+            )
+        saved = float(getattr(pl_module, "min_probability", 0.0))
+        self.file.min_probability = saved if self.min_probability is None else self.min_probability
 
     def write_on_batch_end(
         self,

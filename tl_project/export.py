@@ -4,9 +4,11 @@
     python -m tl_project predict --ckpt_path runs/version_0/export/best.onnx --data.predict_dir photos/
 
 The exported network takes normalised float32 images (N x 3 x S x S) and returns
-class logits (a multi-label model: each class's sigmoid probability). Beside it,
-`<file>.json` records what a user of the file needs: the class names, the preprocessing
-(resize, center crop, mean, std) and, for multi-label, each class's threshold. Before it is
+calibrated class logits, already divided by the checkpoint's temperature (a multi-label
+model: each class's calibrated sigmoid probability). Beside it, `<file>.json` records what
+a user of the file needs: the class names, the preprocessing (resize, center crop, mean,
+std), the temperature (applied), `min_probability` (below it an image is not answered)
+and, for multi-label, each class's threshold. Before it is
 kept, the file's outputs are compared with PyTorch's on a batch; above the
 tolerance it is removed and the export fails.
 """
@@ -57,8 +59,8 @@ def export(
     target.parent.mkdir(parents=True, exist_ok=True)
 
     model = TransferLearningModel.load_from_checkpoint(source, weights=None, map_location="cpu").eval()
-    # images -> logits (multi-label: probabilities), nothing else
-    layers = [model.backbone, model.head, *([nn.Sigmoid()] if model.multi_label else [])]
+    # images -> calibrated logits (multi-label: probabilities), nothing else
+    layers = [model.backbone, model.head, Divide(model.temperature), *([nn.Sigmoid()] if model.multi_label else [])]
     network = nn.Sequential(*layers).eval()
     output_name = "probabilities" if model.multi_label else "logits"
     image_size = int((checkpoint.get("datamodule_hyper_parameters") or {}).get("image_size", 224))
@@ -101,6 +103,10 @@ def export(
             "std": list(model.preprocessing.std),
         },
         "output": {"name": "logits", "softmax": "apply for probabilities"},
+        # Already applied in the file: the logits are divided by it.
+        "temperature": model.temperature.tolist(),
+        # A top-class probability below it is "not answered" (0: every image is answered).
+        "min_probability": float(model.min_probability),
     }
     if model.multi_label:
         data = checkpoint.get("datamodule_hyper_parameters") or {}
@@ -111,6 +117,18 @@ def export(
     Path(f"{target}.json").write_text(json.dumps(meta, indent=2) + "\n")
     say(f"Exported {format} model to {target} (classes and preprocessing in {target}.json)")
     return target
+
+
+class Divide(nn.Module):
+    """Logits divided by the calibration temperature (a constant of the exported graph)."""
+
+    def __init__(self, temperature: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("temperature", temperature.detach().clone().float())
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        temperature: Any = self.temperature
+        return logits / temperature
 
 
 class OnnxClassifier:
@@ -133,6 +151,7 @@ class OnnxClassifier:
         self.multi_label = bool(self.meta.get("multi_label"))
         self.thresholds = torch.tensor(self.meta.get("thresholds") or [], dtype=torch.float32)
         self.delimiter: str | None = self.meta.get("label_delimiter", " ") if self.multi_label else None
+        self.min_probability = float(self.meta.get("min_probability", 0.0))
         self.run = self.session(path).run
 
     @staticmethod
@@ -157,6 +176,7 @@ def predict_onnx(
     on_bad_image: Literal["error", "skip"] = "error",
     default_root_dir: str = "runs",
     output: str | None = None,
+    min_probability: float | None = None,
 ) -> Path:
     """`predict` with an exported ONNX file: predictions.csv in a new run folder (or `output`),
     written as batches finish and continued after an interruption, as with a checkpoint."""
@@ -174,7 +194,14 @@ def predict_onnx(
     data.preprocessing = model.preprocessing
     data.setup("predict")
     path = Path(output) if output else Path(CSVLogger(save_dir=default_root_dir, name="").log_dir) / "predictions.csv"
-    file = PredictionFile(path, data.predict_paths, model.classes, label_delimiter=model.delimiter)
+    if min_probability is not None and model.multi_label:
+        raise UserError(
+            "--min_probability marks single-label answers; a multi-label model answers each class at its own threshold: leave it out."
+        )
+    threshold = model.min_probability if min_probability is None else min_probability
+    file = PredictionFile(
+        path, data.predict_paths, model.classes, label_delimiter=model.delimiter, min_probability=threshold
+    )
     data.predict_skip = file.begin(file.prepare())
     try:
         for images, _, indices in device_batches(data, data.predict_dataloader(), torch.device("cpu")):

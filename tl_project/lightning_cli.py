@@ -45,6 +45,7 @@ from tl_project.callbacks import Checkpoint, DivergenceGuard, EarlyStop, FitSumm
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import PROG, UserError
+from tl_project.explain import ExplanationWriter
 from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
 from tl_project.multilabel_report import MultiLabelReport
 from tl_project.report import TestReport
@@ -157,6 +158,8 @@ class TransferLearningCLI(LightningCLI):
                 help="The predictions CSV, written as batches finish; run the same command again after an "
                 "interruption to continue it. Never overwritten. Default: predictions.csv in the run folder.",
             )
+            parser.add_argument("--min_probability", type=float | None, default=None, help=MIN_PROBABILITY_HELP)
+            parser.add_argument("--explain", type=str | None, default=None, help=EXPLAIN_HELP)
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -207,6 +210,8 @@ class TransferLearningCLI(LightningCLI):
             )
             say(f"Precision {kwargs['precision']}: {why} (set --trainer.precision to choose)")
         to_file = self.subcommand == "predict" and self.config["predict"].get("output")
+        if self.subcommand == "predict" and self.config["predict"].get("explain"):
+            kwargs["inference_mode"] = False  # the maps need gradients
         if config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
             # predict --output FILE writes FILE (and its progress record) only: no run folder.
@@ -222,7 +227,10 @@ class TransferLearningCLI(LightningCLI):
             if kwargs.get("logger", config.get("logger")):
                 callbacks.append(LearningRateMonitor())
         if self.subcommand == "predict":
-            callbacks.append(PredictionWriter(self.config["predict"].get("output")))
+            options = self.config["predict"]
+            callbacks.append(PredictionWriter(options.get("output"), options.get("min_probability")))
+            if options.get("explain"):
+                callbacks.append(ExplanationWriter(options["explain"]))
         if self.subcommand == "test":
             callbacks.append(MultiLabelReport() if self.model.multi_label else TestReport())
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
@@ -235,6 +243,16 @@ class TransferLearningCLI(LightningCLI):
         if to_file and not trainer.loggers:  # no run folder: its config.yaml would land in --trainer.default_root_dir
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]  # type: ignore[attr-defined]
         return trainer
+
+
+MIN_PROBABILITY_HELP = (
+    "The lowest top-class probability that counts as an answer: the CSV's answered column is false below it. "
+    "Default: the checkpoint's (fit --model.target_accuracy), else 0 (every image answered)."
+)
+EXPLAIN_HELP = (
+    "A folder for class-activation maps (Grad-CAM) of the predicted class: NAME.png (the map over the image) and "
+    "NAME.cam.png (the map alone, grayscale, in the image's own pixels). Needs the explain extra."
+)
 
 
 def as_list(value: Any) -> list[Any]:

@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tl_project.backbones import build_backbone, weights_preprocessing
+from tl_project.calibration import ANSWER_NOTHING, Selective, answer_threshold, calibration_error, fit_temperature
 from tl_project.checkpoints import check_compatible, read_checkpoint
 from tl_project.errors import UserError
 from tl_project.features import FeatureCache
@@ -102,6 +103,8 @@ class TransferLearningModel(L.LightningModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         multi_label: bool = False,
+        calibrate: bool = True,
+        target_accuracy: float | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -126,6 +129,8 @@ class TransferLearningModel(L.LightningModule):
             mixup: MixUp's alpha for training batches (0.2 is usual); 0 for none.
             cutmix: CutMix's alpha for training batches (1.0 is usual); 0 for none. With mixup too, each batch gets one of the two.
             multi_label: Several classes per image (linked from the data): sigmoid outputs, BCE loss, per-class thresholds chosen on validation.
+            calibrate: Fit a temperature on the validation split after every validation epoch (multi-label: one per class) and give out calibrated probabilities everywhere (test, predict, export, serve); false keeps the raw ones.
+            target_accuracy: A chosen accuracy (0.9 for 90 %): on the validation split, the lowest top-class probability at which the answered images reach it is saved; predict and serve then mark images below it as not answered. Single-label only; null answers every image.
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
             lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
         """
@@ -145,6 +150,7 @@ class TransferLearningModel(L.LightningModule):
                 "single-label data; set it to 0."
             )
         self.multi_label = multi_label
+        check_target_accuracy(target_accuracy, multi_label)
         self.policy = FinetunePolicy(finetune, unfreeze_at_epoch, backbone_lr_factor, freeze_batchnorm)
         self.optimizer_factory = optimizer or default_optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -166,10 +172,17 @@ class TransferLearningModel(L.LightningModule):
         self.train_metrics = metrics("train", num_classes)
         self.val_metrics = metrics("val", num_classes)
         self.test_metrics = metrics("test", num_classes)
+        # The validation split's logits and targets of an epoch: for the temperature and thresholds.
+        self.val_outputs = Collected()
+        # Saved in the checkpoint's state, fitted on validation (calibration.py): the logits'
+        # temperature (one per class for multi-label) and the probability below which an image
+        # is not answered (0: every image; target_accuracy sets it).
+        self.register_buffer("temperature", torch.ones(num_classes if multi_label else 1))
+        self.register_buffer("min_probability", torch.zeros(()))
+        self.calibration_summary: str | None = None  # what the last validation epoch fitted, for people
         if multi_label:
             # Each class's yes/no threshold, chosen on validation; saved in the checkpoint's state.
             self.register_buffer("thresholds", torch.full((num_classes,), DEFAULT_THRESHOLD))
-            self.val_outputs = Collected()
             self.test_per_class = per_class_metrics(num_classes)
         # Mean loss weighted by images, summed across processes: exact under DDP too.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
@@ -272,8 +285,6 @@ class TransferLearningModel(L.LightningModule):
             loss = nn.functional.binary_cross_entropy_with_logits(logits, soft.to(logits.dtype), pos_weight=weights)
             probabilities, truth = logits.detach().float().sigmoid(), labels.int()
             metrics.update(probabilities, truth)
-            if stage == "val":
-                self.val_outputs.update(probabilities, truth)
             if stage == "test":
                 self.test_per_class.update(probabilities, truth)
         else:
@@ -284,6 +295,8 @@ class TransferLearningModel(L.LightningModule):
             else:
                 loss = self.loss_fn(logits, labels)
             metrics.update(logits, labels)
+        if stage == "val":
+            self.val_outputs.update(logits, labels)
         mean_loss.update(loss.detach(), weight=len(labels))
         self.log(f"{stage}/loss", mean_loss, on_epoch=True, on_step=False)
         self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage != "test")
@@ -312,14 +325,63 @@ class TransferLearningModel(L.LightningModule):
         return {"logits": logits.detach(), "labels": batch[1], "indices": batch[2]}
 
     def on_validation_epoch_end(self) -> None:
-        if self.multi_label and not self.trainer.sanity_checking:
-            # The thresholds of this epoch's model, from its validation probabilities (all processes).
-            probabilities, targets = self.val_outputs.compute()
-            thresholds: Any = self.thresholds
-            thresholds.copy_(best_f1_thresholds(probabilities.cpu(), targets.cpu()))
-            use_thresholds(thresholds, self.val_metrics, self.train_metrics)
+        if not self.trainer.sanity_checking and self.trainer.state.fn == TrainerFn.FITTING:
+            # This epoch's model's temperature, thresholds and answer threshold, from its
+            # validation logits (gathered from all processes, so every process agrees).
+            logits, targets = self.val_outputs.compute()
+            self.fit_calibration(logits.cpu(), targets.cpu())
+        self.val_outputs.reset()
+
+    def fit_calibration(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Set the temperature (with `calibrate`), the multi-label thresholds and the answer
+        threshold (with `target_accuracy`) from a validation split's raw logits and targets."""
+        temperature: Any = self.temperature
+        if self.hparams.get("calibrate", True):
+            temperature.copy_(fit_temperature(logits, targets, self.multi_label))
+        scaled = logits / temperature.cpu()
         if self.multi_label:
-            self.val_outputs.reset()
+            raw, calibrated = logits.sigmoid().flatten(), scaled.sigmoid().flatten()
+            before, after = (calibration_error(p, targets.flatten()) for p in (raw, calibrated))
+            thresholds: Any = self.thresholds
+            thresholds.copy_(best_f1_thresholds(scaled.sigmoid(), targets))
+            # The same decisions on the uncalibrated probabilities that the val and train metrics hold.
+            raw_thresholds = torch.sigmoid(temperature.cpu() * torch.logit(thresholds.cpu(), eps=1e-6))
+            use_thresholds(raw_thresholds.to(self.device), self.val_metrics, self.train_metrics)
+        else:
+            raw_top, calibrated_top = logits.softmax(dim=1).max(dim=1), scaled.softmax(dim=1).max(dim=1)
+            correct = raw_top.indices == targets
+            before, after = (
+                calibration_error(raw_top.values, correct),
+                calibration_error(calibrated_top.values, correct),
+            )
+        self.calibration_summary = (
+            f"expected calibration error {before:.3f} -> {after:.3f} on {len(targets)} validation images "
+            f"(temperature {describe_temperature(temperature)})"
+            if self.hparams.get("calibrate", True)
+            else f"not calibrated (model.calibrate false): expected calibration error {before:.3f}"
+        )
+        target = self.hparams.get("target_accuracy")
+        if target is not None and not self.multi_label:
+            confidence, predicted = scaled.softmax(dim=1).max(dim=1)
+            threshold = answer_threshold(confidence, predicted == targets, target)
+            minimum: Any = self.min_probability
+            minimum.fill_(threshold)
+            selective = Selective.at(threshold, confidence, predicted == targets)
+            self.calibration_summary += f"; target accuracy {100 * target:g} %: {selective.describe()}"
+            if threshold == ANSWER_NOTHING:
+                self.calibration_summary += " (no threshold reaches the target: every image is 'not answered')"
+
+    def on_fit_end(self) -> None:
+        if self.calibration_summary is None:
+            warn(
+                "No validation images, so the probabilities could not be calibrated and no answer threshold "
+                "was chosen: give the data a validation split (data.val_split, or a val folder)."
+            )
+            return
+        say(
+            f"Calibrated on the validation split after every epoch (each checkpoint keeps its epoch's): "
+            f"last epoch {self.calibration_summary}"
+        )
 
     def on_test_epoch_start(self) -> None:
         if self.multi_label:
@@ -335,12 +397,18 @@ class TransferLearningModel(L.LightningModule):
             return
         say(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
 
-    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for test and predict: with `tta` flip, the mean of the image's and its mirror's."""
+    def evaluate(self, images: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """Logits for test and predict: with `tta` flip, the mean of the image's and its mirror's;
+        divided by the temperature unless `calibrated` is false."""
         logits = self(images)
         if self.hparams.get("tta") == "flip":
             logits = (logits + self(images.flip(-1))) / 2
-        return logits
+        return self.calibrated(logits) if calibrated else logits
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits divided by the fitted temperature (per class for multi-label)."""
+        temperature: Any = self.temperature
+        return logits / temperature.to(logits.device)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
         images, _, indices = batch
@@ -381,3 +449,26 @@ class TransferLearningModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint.get("hyper_parameters", {}), self.class_names, self.hparams["backbone"])
+        # A checkpoint from before calibration: its raw probabilities, every image answered.
+        state = checkpoint.get("state_dict", {})
+        state.setdefault("temperature", torch.ones_like(self.temperature))  # type: ignore[arg-type]
+        state.setdefault("min_probability", torch.zeros(()))
+
+
+def check_target_accuracy(target_accuracy: float | None, multi_label: bool) -> None:
+    if target_accuracy is None:
+        return
+    if not 0 < target_accuracy < 1:
+        raise UserError(f"model.target_accuracy is {target_accuracy}; give a fraction between 0 and 1 (0.9 for 90 %).")
+    if multi_label:
+        raise UserError(
+            "model.target_accuracy chooses when a single-label answer is sure enough; a multi-label model "
+            "already answers per class at the thresholds chosen on validation: leave it out (null)."
+        )
+
+
+def describe_temperature(temperature: torch.Tensor) -> str:
+    values = temperature.flatten().tolist()
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{min(values):.2f} to {max(values):.2f} over {len(values)} classes"

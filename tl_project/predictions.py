@@ -29,8 +29,9 @@ from tl_project.runtime import say
 
 
 def header(k: int) -> list[str]:
-    """predictions.csv's columns for the top-k."""
-    columns = ["path", "prediction", "probability"]
+    """predictions.csv's columns for the top-k; `answered`: whether the top class's probability
+    reaches the model's answer threshold (model.target_accuracy or --min_probability)."""
+    columns = ["path", "prediction", "probability", "answered"]
     for rank in range(1, k + 1):
         columns += [f"top{rank}", f"top{rank}_probability"]
     return columns
@@ -49,9 +50,12 @@ def multilabel_row(
     return [path, labels, *(f"{p:.6f}" for p in probabilities)]
 
 
-def row(path: str, classes: Sequence[int], probabilities: Sequence[float], names: Sequence[str]) -> list[str]:
-    """predictions.csv's row of one image: path, prediction, probability, then the top-k."""
-    line = [path, names[classes[0]], f"{probabilities[0]:.6f}"]
+def row(
+    path: str, classes: Sequence[int], probabilities: Sequence[float], names: Sequence[str], min_probability: float
+) -> list[str]:
+    """predictions.csv's row of one image: path, prediction, probability, answered, then the top-k."""
+    answered = "true" if probabilities[0] >= min_probability else "false"
+    line = [path, names[classes[0]], f"{probabilities[0]:.6f}", answered]
     for c, p in zip(classes, probabilities, strict=True):
         line += [names[c], f"{p:.6f}"]
     return line
@@ -71,9 +75,12 @@ class PredictionFile:
         class_names: Sequence[str],
         rank: int = 0,
         label_delimiter: str | None = None,
+        min_probability: float = 0.0,
     ) -> None:
-        """`label_delimiter`: multi-label rows (the predicted set joined by it), else top-k rows."""
+        """`label_delimiter`: multi-label rows (the predicted set joined by it), else top-k rows,
+        answered where the top probability reaches `min_probability`."""
         self.path, self.paths, self.names, self.rank = Path(path), list(paths), list(class_names), rank
+        self.min_probability = min_probability
         self.delimiter = label_delimiter
         self.record = Path(f"{self.path}.progress.json")
         self.handle: IO[str] | None = None
@@ -138,7 +145,7 @@ class PredictionFile:
         """One batch's rows, flushed to the disk's cache before the next batch."""
         assert self.writer is not None and self.handle is not None
         for index, top, values in zip(indices, classes, probabilities, strict=True):
-            self.writer.writerow([index, *row(str(self.paths[index]), top, values, self.names)])
+            self.writer.writerow([index, *row(str(self.paths[index]), top, values, self.names, self.min_probability)])
         self.handle.flush()
 
     def write_sets(

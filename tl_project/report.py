@@ -2,10 +2,14 @@
 
 `write_report(folder, ...)` writes into `folder`:
 
-- `metrics.json`: top-1 / top-5 / macro accuracy, loss, expected calibration error,
+- `metrics.json`: top-1 / top-5 / macro accuracy, loss, the expected calibration error
+  before and after the temperature, the answer threshold's coverage and accuracy,
   per-class precision, recall, F1 and support, the confusion matrix;
 - `confusion_matrix.png`: counts and row-normalised, drawn by torchmetrics' `plot()`;
-- `misclassified.png` and `misclassified.csv`: the most confidently wrong test images;
+- `reliability.png`: the reliability diagram, uncalibrated and calibrated;
+- `risk_coverage.png`: the accuracy of the answered images against the share answered;
+- `misclassified.png` and `misclassified.csv`: the most confidently wrong test images, with
+  the class-activation map of the predicted class where captum is installed;
 - `curves.png`: loss and accuracy per epoch of the training run, from its `metrics.csv`;
 - `report.md`: all of it together, with the data, the recipe and the commands.
 
@@ -30,20 +34,22 @@ from lightning.pytorch.callbacks import Callback
 matplotlib.use("Agg")  # headless: files only
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
-    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
 )
 
+from tl_project.calibration import Selective, calibration_error, reliability, risk_coverage
 from tl_project.checkpoints import read_checkpoint
+from tl_project.errors import UserError
 from tl_project.runtime import gather_objects, say
-from tl_project.transforms import Preprocessing
+from tl_project.transforms import Preprocessing, normalize
 
 # Above this many classes, cell values would not fit in the confusion-matrix picture.
 ANNOTATE_UP_TO = 20
@@ -52,14 +58,13 @@ MOST_WRONG = 16
 
 
 def report_metrics(num_classes: int) -> MetricCollection:
-    """Per-class precision, recall and F1, the confusion matrix, the expected calibration error."""
+    """Per-class precision, recall and F1, the confusion matrix."""
     return MetricCollection(
         {
             "precision": MulticlassPrecision(num_classes, average=None),
             "recall": MulticlassRecall(num_classes, average=None),
             "f1": MulticlassF1Score(num_classes, average=None),
             "confusion_matrix": MulticlassConfusionMatrix(num_classes),
-            "ece": MulticlassCalibrationError(num_classes, n_bins=15),
         }
     )
 
@@ -84,10 +89,20 @@ def build_metrics(
         for i, name in enumerate(class_names)
     }
     overall = {key.removeprefix("test/"): float(value) for key, value in logged.items() if key.startswith("test/")}
+    confidence, raw_confidence, correct = results["confidence"], results["raw_confidence"], results["correct"]
+    selective = Selective.at(results["min_probability"], confidence, correct)
     return {
         "num_images": int(support.sum()),
         **overall,
-        "expected_calibration_error": float(results["ece"]),
+        "expected_calibration_error": calibration_error(confidence, correct),
+        "expected_calibration_error_uncalibrated": calibration_error(raw_confidence, correct),
+        "temperature": float(results["temperature"]),
+        "answers": {
+            "min_probability": selective.threshold,
+            "coverage": selective.coverage,
+            "accuracy_answered": selective.accuracy if selective.answered else None,
+            "answered": selective.answered,
+        },
         "per_class": per_class,
         "classes": list(class_names),
         "confusion_matrix": _as_list(confusion),
@@ -133,14 +148,66 @@ def plot_image_grid(items: Sequence[tuple[torch.Tensor, str]], title: str, empty
 
 
 def plot_misclassified(
-    wrong: Sequence[tuple[float, int, int, int]], dataset: Any, class_names: Sequence[str], path: Path
+    wrong: Sequence[tuple[float, int, int, int]],
+    dataset: Any,
+    class_names: Sequence[str],
+    path: Path,
+    maps: Any = None,
 ) -> None:
-    """A grid of the most confidently wrong images: true and predicted class, confidence."""
+    """A grid of the most confidently wrong images: true and predicted class, confidence;
+    `maps(indices, classes)`, where given, draws each image's map of its predicted class over it."""
+    images = [dataset.load(index)[0] for _, index, _, _ in wrong]
+    if maps is not None and wrong:
+        images = maps([index for _, index, _, _ in wrong], [predicted for *_, predicted in wrong], images)
     items = [
-        (dataset.load(index)[0], f"true: {class_names[target]}\npredicted: {class_names[predicted]} ({confidence:.2f})")
-        for confidence, index, target, predicted in wrong
+        (image, f"true: {class_names[target]}\npredicted: {class_names[predicted]} ({confidence:.2f})")
+        for image, (confidence, _, target, predicted) in zip(images, wrong, strict=True)
     ]
-    plot_image_grid(items, "Most confidently wrong test images", "No misclassified test images", path)
+    title = "Most confidently wrong test images" + (" (where the model looked)" if maps is not None else "")
+    plot_image_grid(items, title, "No misclassified test images", path)
+
+
+def plot_reliability(results: Mapping[str, Any], path: Path) -> None:
+    """The reliability diagram before and after the temperature: share right per probability bin."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), constrained_layout=True, sharey=True)
+    correct = results["correct"]
+    for ax, key, title in (
+        (axes[0], "raw_confidence", "uncalibrated"),
+        (axes[1], "confidence", f"calibrated (temperature {float(results['temperature']):.2f})"),
+    ):
+        rows = reliability(results[key], correct)
+        ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+        ax.bar([p for p, _, _ in rows], [r for _, r, _ in rows], width=1 / 15, alpha=0.7, edgecolor="black")
+        ax.plot([p for p, _, _ in rows], [r for _, r, _ in rows], "o-", label="test images")
+        ax.set_title(f"{title}: ECE {calibration_error(results[key], correct):.3f}")
+        ax.set_xlabel("top-class probability")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    axes[0].set_ylabel("share right")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_risk_coverage(results: Mapping[str, Any], path: Path) -> None:
+    """Accuracy of the answered images against the share answered, most confident first; the
+    answer threshold's point where there is one."""
+    coverage, accuracy = risk_coverage(results["confidence"], results["correct"])
+    fig, ax = plt.subplots(figsize=(6, 4.4), constrained_layout=True)
+    ax.plot(coverage.numpy(), accuracy.numpy(), "-", label="answering the most confident first")
+    threshold = float(results["min_probability"])
+    if threshold > 0:
+        chosen = Selective.at(threshold, results["confidence"], results["correct"])
+        if chosen.answered:
+            ax.plot([chosen.coverage], [chosen.accuracy], "o", color="C3", label=f"at probability >= {threshold:.3f}")
+    ax.set_xlabel("coverage (share of test images answered)")
+    ax.set_ylabel("accuracy of the answered")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def read_epoch_curves(metrics_csv: Path) -> dict[str, dict[int, float]]:
@@ -182,15 +249,19 @@ def write_report(
     class_names: Sequence[str],
     dataset: Any,
     context: Mapping[str, Any],
+    maps: Any = None,
 ) -> Path:
-    """Write every report file into `folder`; returns the path of report.md."""
+    """Write every report file into `folder`; returns the path of report.md. `maps`: see
+    `plot_misclassified`."""
     folder.mkdir(parents=True, exist_ok=True)
     metrics = build_metrics(results, logged, class_names)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(results["confusion_matrix"], class_names, folder / "confusion_matrix.png")
+    plot_reliability(results, folder / "reliability.png")
+    plot_risk_coverage(results, folder / "risk_coverage.png")
 
     wrong = results["most_confident_wrong"]
-    plot_misclassified(wrong, dataset, class_names, folder / "misclassified.png")
+    plot_misclassified(wrong, dataset, class_names, folder / "misclassified.png", maps)
     with open(folder / "misclassified.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "true", "predicted", "confidence"])
@@ -215,6 +286,18 @@ def _no_curves(training_metrics: Path | None) -> list[str]:
         f"No training curves: the training run has no `{training_metrics}` (curves.png is drawn from the "
         "CSV logger's file; a run that logged only elsewhere, e.g. to TensorBoard, shows its curves there).",
         "",
+    ]
+
+
+def _answers_row(answers: Mapping[str, Any]) -> list[str]:
+    """The answer threshold's row of the results table, where the model has one."""
+    if not answers["min_probability"]:
+        return []
+    accuracy = answers["accuracy_answered"]
+    right = "none answered" if accuracy is None else f"{100 * accuracy:.2f} % right"
+    return [
+        f"| answered at probability >= {answers['min_probability']:.3f} | "
+        f"{100 * answers['coverage']:.2f} % of the images, {right} |"
     ]
 
 
@@ -247,7 +330,10 @@ def _model_card(metrics: Mapping[str, Any], context: Mapping[str, Any], has_curv
         "| --- | --- |",
         *(f"| {name} | {value:.2f} % |" for name, value in percent.items()),
         f"| test loss | {metrics.get('loss', float('nan')):.4f} |",
-        f"| expected calibration error | {metrics['expected_calibration_error']:.4f} |",
+        f"| expected calibration error | {metrics['expected_calibration_error']:.4f} "
+        f"(uncalibrated {metrics['expected_calibration_error_uncalibrated']:.4f}, "
+        f"temperature {metrics['temperature']:.3f}) |",
+        *_answers_row(metrics["answers"]),
         "",
         "| class | precision | recall | F1 | support |",
         "| --- | --- | --- | --- | --- |",
@@ -258,8 +344,13 @@ def _model_card(metrics: Mapping[str, Any], context: Mapping[str, Any], has_curv
         "",
         "![confusion matrix](confusion_matrix.png)",
         "",
+        "![reliability diagram](reliability.png)",
+        "",
+        "![risk-coverage curve](risk_coverage.png)",
+        "",
         "![most confidently wrong](misclassified.png) (paths in `misclassified.csv`)",
         "",
+        *([f"No class-activation maps over them: {context['no_maps']}", ""] if context.get("no_maps") else []),
         *(["![training curves](curves.png)", ""] if has_curves else _no_curves(context.get("training_metrics"))),
         "## Reproduce",
         "",
@@ -288,12 +379,14 @@ class TestReport(Callback):
     def __init__(self) -> None:
         self.metrics: MetricCollection | None = None
         self.wrong: list[tuple[float, int, int, int]] = []  # (confidence, index, target, prediction)
+        # Per test image: top-class probability calibrated and not, and whether the top class is right.
+        self.answers: list[torch.Tensor] = []
         self.results: dict[str, Any] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         classes = len(pl_module.class_names)  # type: ignore[arg-type]
         self.metrics = report_metrics(classes).to(pl_module.device)
-        self.wrong = []
+        self.wrong, self.answers = [], []
 
     def on_test_batch_end(
         self,
@@ -310,6 +403,9 @@ class TestReport(Callback):
         logits, labels, indices = outputs["logits"], outputs["labels"], outputs["indices"]
         self.metrics.update(logits, labels)
         confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+        temperature: Any = pl_module.temperature
+        raw = (logits.float() * temperature.to(logits.device)).softmax(dim=1).amax(dim=1)
+        self.answers.append(torch.stack([confidence, raw, (predicted == labels).float()], dim=1).cpu())
         wrong = predicted != labels
         rows = zip(
             confidence[wrong].tolist(),
@@ -325,6 +421,12 @@ class TestReport(Callback):
         self.results = {name: value.cpu() for name, value in self.metrics.compute().items()}  # synchronised
         wrong = [row for part in gather_objects(self.wrong) for row in part]
         self.results["most_confident_wrong"] = sorted(wrong, reverse=True)[:MOST_WRONG]
+        answers = torch.cat([part for parts in gather_objects(self.answers) for part in parts] or [torch.empty(0, 3)])
+        self.results["confidence"], self.results["raw_confidence"] = answers[:, 0], answers[:, 1]
+        self.results["correct"] = answers[:, 2].bool()
+        saved: Any = pl_module  # the model's calibration buffers
+        self.results["temperature"] = float(saved.temperature.flatten()[0])
+        self.results["min_probability"] = float(saved.min_probability)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank asks
@@ -348,15 +450,41 @@ class TestReport(Callback):
                 context["training_config"] = training_run / "config.yaml"
                 context["optimizer"] = describe_optimizer(training_run / "config.yaml")
         logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        dataset = datamodule.datasets["test"]
+        maps = None
+        try:
+            maps = map_drawer(pl_module, dataset, int(datamodule.image_size))
+        except UserError as error:
+            context["no_maps"] = str(error)
         path = write_report(
             run_dir / "report",
             self.results,
             logged,
             pl_module.class_names,  # type: ignore[arg-type]
-            datamodule.datasets["test"],
+            dataset,
             context,
+            maps,
         )
         say(f"Test report written to {path}")
+
+
+def map_drawer(model: Any, dataset: Any, image_size: int) -> Any:
+    """`maps(indices, classes, images)`: the dataset's original `images` with the class-activation
+    map of `classes` drawn over them (`explain.py`); a UserError says why there can be none."""
+    from tl_project.explain import ClassActivationMaps, in_original, overlay
+
+    grad_cam = ClassActivationMaps(model, image_size)
+
+    def maps(indices: Sequence[int], classes: Sequence[int], images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        inputs = torch.stack([dataset.item(index)[0] for index in indices]).to(model.device)
+        cams = grad_cam(normalize(inputs, model.preprocessing), torch.tensor(classes))
+        drawn = []
+        for image, cam in zip(images, cams, strict=True):
+            full = in_original(cam, image.shape[1], image.shape[2], model.preprocessing)
+            drawn.append(torch.from_numpy(np.array(overlay(image, full))).permute(2, 0, 1))
+        return drawn
+
+    return maps
 
 
 def describe_preprocessing(preprocessing: Mapping[str, Any] | None, image_size: int | None) -> str:

@@ -4,8 +4,12 @@
     curl -F file=@photo.jpg http://127.0.0.1:8000/predict
 
 - `POST /predict`: one image as a multipart upload in the field `file`; the answer is what
-  `predict` writes for the same file (same decoding, preprocessing, precision and `model.tta`):
-  `{"prediction", "probability", "top": [{"class", "probability"}, ...]}` (top-5 or fewer).
+  `predict` writes for the same file (same decoding, preprocessing, precision and `model.tta`,
+  calibrated probabilities): `{"prediction", "probability", "answered", "top": [{"class",
+  "probability"}, ...]}` (top-5 or fewer); `answered` is false when the probability is under
+  the answer threshold (the checkpoint's, or `--min_probability`). With the form field
+  `explain=true` (a checkpoint only) the answer adds `"explanation"`: a PNG data URL of the
+  class-activation map of the top class over the image as the model saw it (`explain.py`).
 - `GET /health`: 200 once every inference worker has loaded the model, 503 before.
 - `GET /info`: the model (backbone, classes, preprocessing, file) and the batching settings.
 - `GET /`: an upload page (`serve_page.html`, plain HTML and JS, works offline).
@@ -19,6 +23,7 @@ pixel limit gets its own 400 or 413 while the others of its batch are answered a
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import functools
 import io
@@ -67,10 +72,20 @@ class Rejected:
 
 
 @dataclass(frozen=True)
-class MultiLabelAnswer:
-    """A multi-label model's answer to one image: every class's probability, in class order."""
+class Upload:
+    """One request's image bytes, and whether it asks for the class-activation map."""
 
-    probabilities: list[float]
+    data: bytes
+    explain: bool
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The model's answer to one image: the top classes with their probabilities (multi-label:
+    every class's, in class order) and the map's PNG data URL when asked for."""
+
+    top: list[tuple[int, float]]
+    explanation: str | None = None
 
 
 class Classifier:
@@ -88,6 +103,7 @@ class Classifier:
             self.preprocessing: Preprocessing = self.onnx.preprocessing
             self.backbone, self.tta, self.max_pixels = self.onnx.meta.get("backbone"), "none", DEFAULT_MAX_PIXELS
             self.multi_label, self.thresholds = self.onnx.multi_label, self.onnx.thresholds
+            self.min_probability = self.onnx.min_probability
             return
         checkpoint = read_checkpoint(path)
         data = checkpoint.get("datamodule_hyper_parameters") or {}
@@ -101,6 +117,7 @@ class Classifier:
         self.backbone, self.tta = model.hparams["backbone"], model.hparams.get("tta", "none")
         self.multi_label = model.multi_label
         self.thresholds = model.thresholds.cpu() if model.multi_label else torch.empty(0)
+        self.min_probability = float(model.min_probability)
         # The precision `predict` chooses: fp32 on a CPU, the GPU's fast one on CUDA.
         precision, _ = choose_precision(self.device.type, training=False, batch_size=1, batchnorm_trains=False)
         self.autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
@@ -128,6 +145,8 @@ class Classifier:
             "max_image_pixels": self.max_pixels,
             "multi_label": self.multi_label,
             **({"thresholds": self.thresholds.tolist()} if self.multi_label else {}),
+            "min_probability": self.min_probability,
+            "explain": self.model is not None,
         }
 
 
@@ -183,15 +202,21 @@ def end_with(parent: int) -> None:
 class ClassifierAPI(ls.LitAPI):
     """The model behind `POST /predict`; runs in LitServe's inference workers."""
 
-    def __init__(self, model_path: str, max_image_pixels: int | None, **batching: Any) -> None:
+    def __init__(
+        self, model_path: str, max_image_pixels: int | None, min_probability: float | None = None, **batching: Any
+    ) -> None:
         super().__init__(api_path="/predict", **batching)
         self.model_path, self.max_image_pixels = model_path, max_image_pixels
+        self.min_probability = min_probability
         self.server_process = os.getpid()  # built in the main process; setup runs in a worker
 
     def setup(self, device: str) -> None:
         end_with(self.server_process)
         torch.set_num_threads(usable_cores())
         self.classifier = Classifier(self.model_path, device)
+        if self.min_probability is not None:
+            self.classifier.min_probability = self.min_probability
+        self.maps: Any = None  # ClassActivationMaps, made at the first request that asks
         self.max_pixels = self.max_image_pixels or self.classifier.max_pixels
         self.transform = eval_transform(self.classifier.image_size, self.classifier.preprocessing)
         self.pool = ThreadPoolExecutor(max(1, usable_cores()))  # decoding in parallel (the decoders release the GIL)
@@ -199,17 +224,39 @@ class ClassifierAPI(ls.LitAPI):
         self.classifier.probabilities(torch.zeros(1, 3, size, size, dtype=torch.uint8))  # warm up before ready
 
     def decode_request(self, request):  # LitServe reads the annotation: none (a form or a JSON body)
-        """The upload's bytes, or why it is refused; the cheap checks of one request."""
+        """The upload, or why it is refused; the cheap checks of one request."""
         data = upload_bytes(request)
-        return data if isinstance(data, Rejected) else header_problem(data, self.max_pixels) or data
+        if isinstance(data, Rejected):
+            return data
+        explain = str(request.get("explain", "false")).lower() in ("true", "1", "yes")
+        if explain and self.classifier.model is None:
+            return Rejected(
+                400, "explain=true needs the network's gradients: serve the checkpoint, not an .onnx file, for maps."
+            )
+        return header_problem(data, self.max_pixels) or Upload(data, explain)
 
-    def _image(self, item: bytes | Rejected) -> torch.Tensor | Rejected:
+    def _image(self, item: Upload | Rejected) -> torch.Tensor | Rejected:
         if isinstance(item, Rejected):
             return item
         try:
-            return self.transform(decode_image_bytes(torch.frombuffer(bytearray(item), dtype=torch.uint8), "upload"))
+            encoded = torch.frombuffer(bytearray(item.data), dtype=torch.uint8)
+            return self.transform(decode_image_bytes(encoded, "upload"))
         except UserError:
             return Rejected(400, "The uploaded image could not be decoded: it is truncated or corrupt.")
+
+    def _explanations(self, images: list[torch.Tensor], classes: list[int]) -> list[str]:
+        """The maps of `classes` over `images` (uint8, as the model saw them), as PNG data URLs."""
+        from tl_project.explain import ClassActivationMaps, overlay, png_bytes
+
+        assert self.classifier.model is not None
+        if self.maps is None:
+            self.maps = ClassActivationMaps(self.classifier.model, self.classifier.image_size)
+        batch = normalize(torch.stack(images).to(self.classifier.device), self.classifier.preprocessing)
+        maps = self.maps(batch, torch.tensor(classes))
+        return [
+            "data:image/png;base64," + base64.b64encode(png_bytes(overlay(image, cam))).decode()
+            for image, cam in zip(images, maps, strict=True)
+        ]
 
     def predict(self, x: Any) -> Any:
         """Every request of the batch answered on its own: the good images in one forward pass."""
@@ -220,23 +267,41 @@ class ClassifierAPI(ls.LitAPI):
         if good:
             probabilities = self.classifier.probabilities(torch.stack([images[i] for i in good]))  # type: ignore[misc]
             if self.classifier.multi_label:  # every class's probability; encode_response takes the set
-                for row, i in enumerate(good):
-                    outputs[i] = MultiLabelAnswer(probabilities[row].tolist())
-                return outputs if isinstance(x, list) else outputs[0]
-            top = probabilities.topk(min(TOP_K, len(self.classifier.classes)), dim=1)
+                tops = [list(enumerate(row)) for row in probabilities.tolist()]
+            else:
+                top = probabilities.topk(min(TOP_K, len(self.classifier.classes)), dim=1)
+                tops = [
+                    list(zip(c, p, strict=True)) for c, p in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+                ]
+            asking = [row for row, i in enumerate(good) if items[i].explain]
+            maps: dict[int, str] = {}
+            if asking:  # the map of the most probable class
+                classes = [max(tops[row], key=lambda entry: entry[1])[0] for row in asking]
+                pictures = self._explanations([images[good[row]] for row in asking], classes)  # type: ignore[misc]
+                maps = dict(zip(asking, pictures, strict=True))
             for row, i in enumerate(good):
-                outputs[i] = list(zip(top.indices[row].tolist(), top.values[row].tolist(), strict=True))
+                outputs[i] = Answer(tops[row], maps.get(row))
         return outputs if isinstance(x, list) else outputs[0]
 
     def encode_response(self, output):  # LitServe reads the annotation: none (a dict or a JSONResponse)
         if isinstance(output, Rejected):
             return output.response()
-        if isinstance(output, MultiLabelAnswer):
-            names, thresholds = self.classifier.classes, self.classifier.thresholds.tolist()
-            chosen = [n for n, p, t in zip(names, output.probabilities, thresholds, strict=True) if p >= t]
-            return {"labels": chosen, "probabilities": dict(zip(names, output.probabilities, strict=True))}
-        top = [{"class": self.classifier.classes[c], "probability": p} for c, p in output]
-        return {"prediction": top[0]["class"], "probability": top[0]["probability"], "top": top}
+        explanation = {"explanation": output.explanation} if output.explanation else {}
+        names = self.classifier.classes
+        if self.classifier.multi_label:
+            probabilities = [p for _, p in output.top]
+            thresholds = self.classifier.thresholds.tolist()
+            chosen = [n for n, p, t in zip(names, probabilities, thresholds, strict=True) if p >= t]
+            return {"labels": chosen, "probabilities": dict(zip(names, probabilities, strict=True)), **explanation}
+        top = [{"class": names[c], "probability": p} for c, p in output.top]
+        answered = top[0]["probability"] >= self.classifier.min_probability
+        return {
+            "prediction": top[0]["class"],
+            "probability": top[0]["probability"],
+            "answered": answered,
+            "top": top,
+            **explanation,
+        }
 
 
 class UploadGate:
@@ -328,6 +393,7 @@ def serve(
     max_image_pixels: int | None = None,
     api_key: str | None = None,
     timeout: float = 30.0,
+    min_probability: float | None = None,
 ) -> None:
     """Serve a checkpoint or an exported .onnx file over HTTP: POST /predict, GET /health, /info, and an upload page at /.
 
@@ -344,6 +410,7 @@ def serve(
         max_image_pixels: Images with more pixels are refused with 413 from their header; null: the checkpoint's data.max_image_pixels.
         api_key: If set, every request must carry it in the header X-API-Key (the page asks for it).
         timeout: Seconds a request may wait for its answer before a 504.
+        min_probability: The lowest top-class probability that counts as an answer ("answered": false below it); null: the checkpoint's (fit --model.target_accuracy), else 0.
     """
     if host not in HOSTS:
         raise UserError(f"--host {host}: choose one of {', '.join(HOSTS)}.")
@@ -358,7 +425,16 @@ def serve(
     described = Classifier(path, "cpu").describe()  # a bad file fails here, with its reason, not in a worker
     if max_image_pixels:
         described["max_image_pixels"] = max_image_pixels
-    api = ClassifierAPI(path, max_image_pixels, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    if min_probability is not None:
+        if described["multi_label"]:
+            raise UserError(
+                "--min_probability marks single-label answers; a multi-label model answers each class at its own "
+                "threshold: leave it out."
+            )
+        described["min_probability"] = min_probability
+    api = ClassifierAPI(
+        path, max_image_pixels, min_probability, max_batch_size=max_batch_size, batch_timeout=batch_timeout
+    )
     ls.server.LIT_SERVER_API_KEY = api_key  # LitServe's key check reads it (it is read from the environment)
     server = ls.LitServer(
         api,

@@ -7,8 +7,9 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser
 
+from tl_project.errors import UserError
 from tl_project.export import export, predict_onnx
-from tl_project.lightning_cli import launched, parser_settings
+from tl_project.lightning_cli import MIN_PROBABILITY_HELP, launched, parser_settings
 
 
 def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
@@ -33,7 +34,16 @@ def main_predict_onnx(args: list[str], description: str) -> None:
     parser.add_argument(
         "--output", help="The predictions CSV (continued after an interruption, never overwritten); default: the run's."
     )
+    parser.add_argument("--min_probability", type=float | None, default=None, help=MIN_PROBABILITY_HELP)
+    parser.add_argument(
+        "--explain", type=str | None, default=None, help="Class-activation maps: from a checkpoint only."
+    )
     config = parser.parse_args(args)
+    if config.explain:
+        raise UserError(
+            "--explain needs the network's gradients, which an .onnx file does not give: predict with the checkpoint "
+            "it was exported from (--ckpt_path ...ckpt) for the maps."
+        )
     predict_onnx(
         config.ckpt_path,
         config.data.predict_dir,
@@ -42,4 +52,5 @@ def main_predict_onnx(args: list[str], description: str) -> None:
         on_bad_image=config.data.on_bad_image,
         default_root_dir=config.trainer.default_root_dir,
         output=config.output,
+        min_probability=config.min_probability,
     )
