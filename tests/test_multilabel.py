@@ -129,6 +129,12 @@ def test_test_prints_the_mean_average_precision_and_writes_the_report(
     assert set(metrics["per_class"]) == {"blue", "green", "red"}
     assert all(0 < row["threshold"] < 1 for row in metrics["per_class"].values())
     assert (report / "pr_curves.png").is_file() and (report / "worst.png").is_file()
+    assert (report / "reliability.png").is_file() and len(metrics["temperature"]) == 3
+    state = torch.load(trained["ckpt"], weights_only=True)["state_dict"]
+    assert metrics["temperature"] == pytest.approx(state["temperature"].tolist())  # one a class, from validation
+    assert (
+        0 <= metrics["expected_calibration_error"] <= 1 and 0 <= metrics["expected_calibration_error_uncalibrated"] <= 1
+    )
     assert read_csv(report / "worst.csv")[0].keys() == {"path", "true", "predicted", "loss"}
 
 

@@ -67,6 +67,14 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, multi_label: bo
     return temperature
 
 
+def describe_temperature(temperature: torch.Tensor) -> str:
+    """`1.327`, or for several: `0.82 to 1.61 over 5 classes`."""
+    values = temperature.flatten().tolist()
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{min(values):.2f} to {max(values):.2f} over {len(values)} classes"
+
+
 def answer_threshold(confidence: torch.Tensor, correct: torch.Tensor, target_accuracy: float) -> float:
     """The lowest top-class probability at which the images answered (probability at or above
     it) are at least `target_accuracy` accurate; `ANSWER_NOTHING` when no threshold reaches it."""

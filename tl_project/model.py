@@ -20,7 +20,14 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tl_project.backbones import build_backbone, weights_preprocessing
-from tl_project.calibration import ANSWER_NOTHING, Selective, answer_threshold, calibration_error, fit_temperature
+from tl_project.calibration import (
+    ANSWER_NOTHING,
+    Selective,
+    answer_threshold,
+    calibration_error,
+    describe_temperature,
+    fit_temperature,
+)
 from tl_project.checkpoints import check_compatible, read_checkpoint
 from tl_project.errors import UserError
 from tl_project.features import FeatureCache
@@ -465,10 +472,3 @@ def check_target_accuracy(target_accuracy: float | None, multi_label: bool) -> N
             "model.target_accuracy chooses when a single-label answer is sure enough; a multi-label model "
             "already answers per class at the thresholds chosen on validation: leave it out (null)."
         )
-
-
-def describe_temperature(temperature: torch.Tensor) -> str:
-    values = temperature.flatten().tolist()
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{min(values):.2f} to {max(values):.2f} over {len(values)} classes"

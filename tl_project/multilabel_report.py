@@ -3,6 +3,9 @@
 - `metrics.json`: mean average precision, exact-match accuracy, micro and macro F1, and per
   class its AP, precision, recall, threshold and support;
 - `pr_curves.png`: each class's precision-recall curve, its threshold marked;
+- `reliability.png`: every (image, class) probability against how often the class is
+  there, before and after the per-class temperatures (the calibration error of both in
+  metrics.json);
 - `worst.png` and `worst.csv`: the test images whose predicted sets are furthest from the
   true ones (by binary cross-entropy), with both sets.
 
@@ -24,8 +27,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics.functional.classification import multilabel_precision_recall_curve
 
+from tl_project.calibration import calibration_error, describe_temperature
 from tl_project.multilabel import Collected, predicted_sets
-from tl_project.report import MOST_WRONG, plot_image_grid
+from tl_project.report import MOST_WRONG, plot_image_grid, plot_reliability
 from tl_project.runtime import gather_objects, say
 
 
@@ -126,7 +130,16 @@ def write(
         },
         "classes": names,
     }
+    temperature = model.temperature.cpu()
+    raw = torch.sigmoid(torch.logit(probabilities, eps=1e-7) * temperature).flatten()
+    present = targets.flatten().bool()
+    metrics["expected_calibration_error"] = calibration_error(probabilities.flatten(), present)
+    metrics["expected_calibration_error_uncalibrated"] = calibration_error(raw, present)
+    metrics["temperature"] = temperature.tolist()
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    what = "a class's probability (every image and class)"
+    described = describe_temperature(temperature)
+    plot_reliability(raw, probabilities.flatten(), present, described, folder / "reliability.png", what)
     plot_pr_curves(probabilities, targets, thresholds, names, folder / "pr_curves.png")
 
     chosen = predicted_sets(probabilities, thresholds)
