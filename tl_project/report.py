@@ -133,7 +133,8 @@ def plot_image_grid(items: Sequence[tuple[torch.Tensor, str]], title: str, empty
     """A grid of uint8 CHW images, each with its caption, under `title` (`empty` when there are none)."""
     columns = min(4, max(1, len(items)))
     rows = max(1, math.ceil(len(items) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
+    # Constrained layout keeps every two-line caption clear of the image above it.
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False, constrained_layout=True)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, caption) in zip(axes.flat, items, strict=False):
@@ -142,7 +143,6 @@ def plot_image_grid(items: Sequence[tuple[torch.Tensor, str]], title: str, empty
     if not items:
         axes.flat[0].text(0.5, 0.5, empty, ha="center", va="center")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the first row
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -167,20 +167,22 @@ def plot_misclassified(
     plot_image_grid(items, title, "No misclassified test images", path)
 
 
-def plot_reliability(results: Mapping[str, Any], path: Path) -> None:
-    """The reliability diagram before and after the temperature: share right per probability bin."""
+def plot_reliability(
+    raw: torch.Tensor, calibrated: torch.Tensor, correct: torch.Tensor, temperature: str, path: Path, what: str
+) -> None:
+    """The reliability diagram before and after the temperature: the share right per bin of
+    the probability (`what`: which probability, for the axis)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), constrained_layout=True, sharey=True)
-    correct = results["correct"]
-    for ax, key, title in (
-        (axes[0], "raw_confidence", "uncalibrated"),
-        (axes[1], "confidence", f"calibrated (temperature {float(results['temperature']):.2f})"),
+    for ax, probability, title in (
+        (axes[0], raw, "uncalibrated"),
+        (axes[1], calibrated, f"calibrated (temperature {temperature})"),
     ):
-        rows = reliability(results[key], correct)
+        rows = reliability(probability, correct)
         ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
         ax.bar([p for p, _, _ in rows], [r for _, r, _ in rows], width=1 / 15, alpha=0.7, edgecolor="black")
         ax.plot([p for p, _, _ in rows], [r for _, r, _ in rows], "o-", label="test images")
-        ax.set_title(f"{title}: ECE {calibration_error(results[key], correct):.3f}")
-        ax.set_xlabel("top-class probability")
+        ax.set_title(f"{title}: ECE {calibration_error(probability, correct):.3f}")
+        ax.set_xlabel(what)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -257,7 +259,14 @@ def write_report(
     metrics = build_metrics(results, logged, class_names)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(results["confusion_matrix"], class_names, folder / "confusion_matrix.png")
-    plot_reliability(results, folder / "reliability.png")
+    plot_reliability(
+        results["raw_confidence"],
+        results["confidence"],
+        results["correct"],
+        f"{float(results['temperature']):.2f}",
+        folder / "reliability.png",
+        "top-class probability",
+    )
     plot_risk_coverage(results, folder / "risk_coverage.png")
 
     wrong = results["most_confident_wrong"]
