@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,14 @@ def test_fit_without_validation_images_says_it_could_not_calibrate(
     root = make_image_folder(tmp_path / "images", COLORS, per_class=10)
     main(fit_args(root, tmp_path / "runs", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1"))
     assert "could not be calibrated" in capfd.readouterr().err
+
+
+def test_explain_without_captum_names_the_extra_before_any_run_folder(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "captum.attr", None)  # as if the explain extra were not installed
+    runs = tmp_path / "runs"
+    args = ["predict", "--ckpt_path", str(trained["ckpt"]), "--data.predict_dir", str(trained["photos"])]
+    assert exit_code([*args, "--explain", str(tmp_path / "maps"), "--trainer.default_root_dir", str(runs)]) == 2
+    assert "pip install 'tl_project[explain]'" in capfd.readouterr().err
+    assert not runs.exists() and not (tmp_path / "maps").exists()

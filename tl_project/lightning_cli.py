@@ -45,7 +45,7 @@ from tl_project.callbacks import Checkpoint, DivergenceGuard, EarlyStop, FitSumm
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import PROG, UserError
-from tl_project.explain import ExplanationWriter
+from tl_project.explain import ExplanationWriter, last_spatial_layer, require_captum
 from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
 from tl_project.multilabel_report import MultiLabelReport
 from tl_project.report import TestReport
@@ -211,6 +211,8 @@ class TransferLearningCLI(LightningCLI):
             say(f"Precision {kwargs['precision']}: {why} (set --trainer.precision to choose)")
         to_file = self.subcommand == "predict" and self.config["predict"].get("output")
         if self.subcommand == "predict" and self.config["predict"].get("explain"):
+            require_captum()  # before any run folder exists
+            last_spatial_layer(self.model.backbone, self.datamodule.image_size)  # a ViT is refused here too
             kwargs["inference_mode"] = False  # the maps need gradients
         if config.get("logger") in (None, True):
             # A new runs/version_N/ per run: earlier checkpoints and logs are never overwritten.
