@@ -334,7 +334,10 @@ def plain_multilabel_map(task: Path, seed: int = 1) -> float:
 # file name records the quadrant (`N-qK.png`, K = row * 2 + column), so that a map's peak
 # can be checked against where the item is.
 QUADRANT_TRAIN, QUADRANT_VAL, QUADRANT_TEST = 40, 40, 100  # a class
-QUADRANT_SIZE, QUADRANT_EPOCHS = 64, 15
+# 128 px: the network's last stage is 4 x 4, so a quadrant is 2 x 2 of its cells (at 64 px the
+# 2 x 2 stage's maps peaked away from the item; an earlier stage's did not). lr 0.01 for 12
+# epochs: long enough to be over-confident, as a fine-tuned network usually is.
+QUADRANT_SIZE, QUADRANT_EPOCHS, QUADRANT_LR = 128, 12, 0.01
 TARGET_ACCURACY = 0.8
 
 
@@ -372,18 +375,23 @@ def map_quadrant(cam: Path) -> int:
     return (2 * row // pixels.shape[0]) * 2 + (2 * column // pixels.shape[1])
 
 
-def trust_outcomes(task: Path, weights: Path | str, seed: int = 1) -> dict[str, float]:
+def trust_outcomes(
+    task: Path, weights: Path | str, seed: int = 1, picture: Path | None = None, *extra: str
+) -> dict[str, float]:
     """Fit on the quadrant task with `--model.target_accuracy`, test, and predict the test
     images with `--explain`: the report's calibration and answer numbers, and the share of
-    correct answers whose map peaks in the item's quadrant."""
+    correct answers whose map peaks in the item's quadrant. `picture`: where to draw the maps
+    of the first eight test images (one per class and quadrant where there are)."""
     runs = task / "runs" / f"trust-seed{seed}"
+    shutil.rmtree(runs, ignore_errors=True)  # a fresh start: predict never overwrites its file
     root = task / "quadrant"
     fit = [
         "fit",
         *common_args(str(root), runs, seed, size=QUADRANT_SIZE),
         *("--model.weights", str(weights), "--trainer.max_epochs", str(QUADRANT_EPOCHS)),
-        *("--data.batch_size", str(BATCH), "--model.optimizer.lr", str(LR)),
+        *("--data.batch_size", str(BATCH), "--model.optimizer.lr", str(QUADRANT_LR)),
         *("--model.target_accuracy", str(TARGET_ACCURACY)),
+        *extra,
     ]
     try:
         main(fit)
@@ -403,6 +411,8 @@ def trust_outcomes(task: Path, weights: Path | str, seed: int = 1) -> dict[str, 
             for path in correct
             if map_quadrant(maps / path.parent.name / f"{path.name}.cam.png") == int(path.stem.split("-q")[1])
         ]
+        if picture is not None:
+            draw_maps(rows, maps, picture)
         return {
             "accuracy": metrics["acc"],
             "ece": metrics["expected_calibration_error"],
@@ -419,3 +429,21 @@ def trust_outcomes(task: Path, weights: Path | str, seed: int = 1) -> dict[str, 
         for folder in runs.glob("version_*/checkpoints"):
             shutil.rmtree(folder)
         shutil.rmtree(runs / "maps", ignore_errors=True)
+
+
+def draw_maps(rows: list[dict[str, str]], maps: Path, picture: Path) -> None:
+    """A grid of test images' maps (`predict --explain`'s NAME.png), one per class, quadrants in turn."""
+    from tl_project.report import plot_image_grid
+
+    items, seen = [], set()
+    for row in rows:
+        path = Path(row["path"])
+        cell = int(path.stem.split("-q")[1])
+        if path.parent.name in seen or cell != len(items) % 4:
+            continue
+        seen.add(path.parent.name)
+        with Image.open(maps / path.parent.name / f"{path.name}.png") as drawn:
+            image = torch.from_numpy(np.asarray(drawn.convert("RGB")).copy()).permute(2, 0, 1)
+        items.append((image, f"{path.parent.name}\npredicted: {row['prediction']} ({float(row['probability']):.2f})"))
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    plot_image_grid(items, "Where the model looked (predict --explain)", "no images", picture)

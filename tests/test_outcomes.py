@@ -28,11 +28,14 @@ from tests.outcome_task import (
     FASHION_MNIST,
     MULTILABEL_PATHS,
     PATHS,
+    TARGET_ACCURACY,
     multilabel_map,
     plain_multilabel_map,
     real_weights,
     run_path,
+    trust_outcomes,
     write_grid_task,
+    write_quadrant_task,
     write_task,
 )
 
@@ -45,6 +48,11 @@ TRANSFER_GAIN = 15  # points the real weights must win by, at least
 # data.balance loss 70.99 ± 1.84, with MixUp/CutMix 68.89 ± 0.55. No path is below the loop,
 # so two standard deviations of the difference of two single runs, from the largest path std.
 MULTILABEL_TOLERANCE = 2 * math.hypot(1.84, 2.91)  # 6.9 points
+# Trust (scripts/trust_benchmark.py, seeds 1-3, docs/benchmarks.md): the share of correct
+# answers whose class-activation map peaks in the item's quadrant, 0.898 ± 0.078 (lowest 0.81;
+# chance 0.25); the test calibration error 0.083 ± 0.023 uncalibrated, 0.044 ± 0.010
+# calibrated; at the target accuracy 0.80 the answered test images 0.783 ± 0.011 right.
+MAPS_ON_ITEM = 0.7
 
 pytestmark = [
     pytest.mark.outcome,
@@ -112,4 +120,36 @@ def test_multi_label_learns_as_well_as_a_plain_pytorch_loop(path: str, grid: Pat
     assert tool_map >= plain_map - MULTILABEL_TOLERANCE, (
         f"multi-label ({path}) reached {tool_map:.2f} % mAP where a plain PyTorch loop reaches {plain_map:.2f} % "
         f"(tolerance {MULTILABEL_TOLERANCE:.1f} points)"
+    )
+
+
+@pytest.fixture(scope="module")
+def trust(task: Path, weights: Path) -> dict[str, float]:
+    """One fit + test + predict --explain on the quadrant task (tests/outcome_task.py)."""
+    return trust_outcomes(write_quadrant_task(task), weights)
+
+
+def test_calibration_lowers_the_calibration_error_on_test_images(trust: dict[str, float]) -> None:
+    assert trust["ece"] < trust["ece_uncalibrated"], (
+        f"the temperature {trust['temperature']:.3f} fitted on validation left the test calibration error at "
+        f"{trust['ece']:.4f} against {trust['ece_uncalibrated']:.4f} uncalibrated"
+    )
+
+
+def test_answered_test_images_reach_the_target_accuracy(trust: dict[str, float]) -> None:
+    """At the threshold chosen on 200 validation images, the answered test images are at least
+    TARGET_ACCURACY right, within two standard errors of a proportion on the answered count."""
+    assert trust["answered"] >= 25, f"only {trust['answered']} of 500 test images answered"
+    error = math.sqrt(TARGET_ACCURACY * (1 - TARGET_ACCURACY) / trust["answered"])
+    assert trust["accuracy_answered"] >= TARGET_ACCURACY - 2 * error, (
+        f"{100 * trust['accuracy_answered']:.1f} % of the {trust['answered']} answered test images are right, "
+        f"below the target {100 * TARGET_ACCURACY:g} % by more than two standard errors ({100 * error:.1f} points)"
+    )
+
+
+def test_maps_peak_on_the_item(trust: dict[str, float]) -> None:
+    """The class-activation map of a correct answer peaks in the quadrant that holds the item."""
+    assert trust["maps_on_item"] >= MAPS_ON_ITEM, (
+        f"{100 * trust['maps_on_item']:.1f} % of {trust['correct']} correct answers' maps peak on the item "
+        f"(at least {100 * MAPS_ON_ITEM:g} % expected; chance is 25 %)"
     )
