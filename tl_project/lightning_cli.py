@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from jsonargparse import ArgumentParser
@@ -50,6 +50,7 @@ from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLe
 from tl_project.multilabel_report import MultiLabelReport
 from tl_project.report import TestReport
 from tl_project.runtime import check_output_dir, choose_precision, say
+from tl_project.runtimes import InferenceRuntime
 
 ENV_PREFIX = "TL_PROJECT"
 CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parent.parent / "configs")
@@ -160,6 +161,9 @@ class TransferLearningCLI(LightningCLI):
             )
             parser.add_argument("--min_probability", type=float | None, default=None, help=MIN_PROBABILITY_HELP)
             parser.add_argument("--explain", type=str | None, default=None, help=EXPLAIN_HELP)
+            parser.add_argument(
+                "--runtime", type=Literal["auto", "torch", "onnxruntime"], default="auto", help=RUNTIME_HELP
+            )
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -233,6 +237,7 @@ class TransferLearningCLI(LightningCLI):
             callbacks.append(PredictionWriter(options.get("output"), options.get("min_probability")))
             if options.get("explain"):
                 callbacks.append(ExplanationWriter(options["explain"]))
+            callbacks.append(InferenceRuntime(options.get("runtime") or "auto"))
         if self.subcommand == "test":
             callbacks.append(MultiLabelReport() if self.model.multi_label else TestReport())
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
@@ -250,6 +255,10 @@ class TransferLearningCLI(LightningCLI):
 MIN_PROBABILITY_HELP = (
     "The lowest top-class probability that counts as an answer: the CSV's answered column is false below it. "
     "Default: the checkpoint's (fit --model.target_accuracy), else 0 (every image answered)."
+)
+RUNTIME_HELP = (
+    "What runs the network: auto (ONNX Runtime on a CPU, converted once from the checkpoint into the cache and "
+    "checked against PyTorch; PyTorch on a GPU or where that fails), torch, or onnxruntime."
 )
 EXPLAIN_HELP = (
     "A folder for class-activation maps (Grad-CAM) of the predicted class: NAME.png (the map over the image) and "

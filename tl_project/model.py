@@ -42,6 +42,7 @@ from tl_project.multilabel import (
 from tl_project.multilabel import stage_metrics as multilabel_metrics
 from tl_project.recipe import BatchMix, fit_traps, learning_rate_schedule, loss_weights, mix_seed, positive_weights
 from tl_project.runtime import MIN_BATCHNORM_BATCH, say, small_batch_advice, warn
+from tl_project.runtimes import parity_problem
 from tl_project.transforms import Preprocessing
 
 # (images, targets, dataset indices), as ImageDataModule's loaders give them.
@@ -196,6 +197,8 @@ class TransferLearningModel(L.LightningModule):
         self._was_frozen: bool | None = None  # the phase of the last training epoch (gradual)
         self._compiled = False
         self.features = FeatureCache()  # filled when training starts, with cache_features
+        # predict's converted network (runtimes.OnnxLogits), set by runtimes.InferenceRuntime.
+        self.fast: Any = None
 
     def setup(self, stage: str) -> None:
         if self.hparams["channels_last"]:
@@ -417,15 +420,34 @@ class TransferLearningModel(L.LightningModule):
         temperature: Any = self.temperature
         return logits / temperature.to(logits.device)
 
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """`evaluate`'s logits, from the converted network where predict runs one (`runtimes.py`):
+        its first batch is checked against PyTorch, and a difference sends the run back to PyTorch."""
+        fast = self.fast
+        if fast is None:
+            return self.evaluate(images)
+        logits = fast(images).to(images.device)
+        if not fast.checked:
+            expected = self.evaluate(images)
+            problem = parity_problem(logits, expected)
+            fast.checked = True
+            if problem:
+                warn(
+                    f"ONNX Runtime differs from PyTorch on the first batch of these images ({problem}): running PyTorch."
+                )
+                self.fast = None
+                return expected
+        return logits
+
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
         images, _, indices = batch
         if not len(indices):
             return None
         if self.multi_label:
-            probabilities = self.evaluate(images).float().sigmoid()
+            probabilities = self.predict_logits(images).float().sigmoid()
             thresholds: Any = self.thresholds
             return {"index": indices, "probabilities": probabilities, "chosen": probabilities >= thresholds}
-        probabilities = self.evaluate(images).softmax(dim=1)
+        probabilities = self.predict_logits(images).float().softmax(dim=1)
         top_probabilities, top_classes = probabilities.topk(min(5, self.num_classes), dim=1)
         return {"index": indices, "top_classes": top_classes, "top_probabilities": top_probabilities}
 

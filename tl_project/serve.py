@@ -52,6 +52,7 @@ from tl_project.errors import UserError
 from tl_project.export import OnnxClassifier
 from tl_project.model import TransferLearningModel
 from tl_project.runtime import choose_precision, say, usable_cores, warn
+from tl_project.runtimes import choose, onnx_logits
 from tl_project.transforms import Preprocessing, eval_transform, normalize
 
 TOP_K = 5
@@ -92,8 +93,9 @@ class Classifier:
     """A loaded model for serving: a tl_project checkpoint (PyTorch) or an exported .onnx file
     (ONNX Runtime), with its classes and preprocessing. `probabilities` takes uint8 images."""
 
-    def __init__(self, path: str, device: str) -> None:
+    def __init__(self, path: str, device: str, runtime: str = "auto") -> None:
         self.path, self.device = path, torch.device(device)
+        self.runtime, self.runtime_reason = "onnxruntime", "an exported .onnx file"
         self.autocast: torch.dtype | None = None
         self.onnx: OnnxClassifier | None = None
         self.model: TransferLearningModel | None = None
@@ -113,6 +115,11 @@ class Classifier:
         self.model = model.eval().to(self.device)
         if model.hparams["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
+        chosen, why = choose(runtime, self.device.type)
+        if chosen == "onnxruntime":  # checked against PyTorch on the first batch it answers
+            self.model.fast = onnx_logits(self.model, path, self.image_size, usable_cores())
+        self.runtime = "onnxruntime" if self.model.fast is not None else "torch"
+        self.runtime_reason = why if chosen == self.runtime else "the conversion to ONNX failed (see the warning)"
         self.classes, self.preprocessing = model.class_names, model.preprocessing
         self.backbone, self.tta = model.hparams["backbone"], model.hparams.get("tta", "none")
         self.multi_label = model.multi_label
@@ -130,13 +137,15 @@ class Classifier:
             return self.onnx.probabilities(normalised)
         assert self.model is not None
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)):
-            logits = self.model.evaluate(normalised)
+            logits = self.model.predict_logits(normalised)
         return (logits.float().sigmoid() if self.multi_label else logits.float().softmax(dim=1)).cpu()
 
     def describe(self) -> dict[str, Any]:
         return {
             "file": self.path,
             "format": "onnx" if self.onnx is not None else "checkpoint",
+            "runtime": self.runtime,
+            "runtime_reason": self.runtime_reason,
             "backbone": self.backbone,
             "classes": self.classes,
             "image_size": self.image_size,
@@ -203,17 +212,22 @@ class ClassifierAPI(ls.LitAPI):
     """The model behind `POST /predict`; runs in LitServe's inference workers."""
 
     def __init__(
-        self, model_path: str, max_image_pixels: int | None, min_probability: float | None = None, **batching: Any
+        self,
+        model_path: str,
+        max_image_pixels: int | None,
+        min_probability: float | None = None,
+        runtime: str = "auto",
+        **batching: Any,
     ) -> None:
         super().__init__(api_path="/predict", **batching)
-        self.model_path, self.max_image_pixels = model_path, max_image_pixels
+        self.model_path, self.max_image_pixels, self.runtime = model_path, max_image_pixels, runtime
         self.min_probability = min_probability
         self.server_process = os.getpid()  # built in the main process; setup runs in a worker
 
     def setup(self, device: str) -> None:
         end_with(self.server_process)
         torch.set_num_threads(usable_cores())
-        self.classifier = Classifier(self.model_path, device)
+        self.classifier = Classifier(self.model_path, device, self.runtime)
         if self.min_probability is not None:
             self.classifier.min_probability = self.min_probability
         self.maps: Any = None  # ClassActivationMaps, made at the first request that asks
@@ -394,6 +408,7 @@ def serve(
     api_key: str | None = None,
     timeout: float = 30.0,
     min_probability: float | None = None,
+    runtime: str = "auto",
 ) -> None:
     """Serve a checkpoint or an exported .onnx file over HTTP: POST /predict, GET /health, /info, and an upload page at /.
 
@@ -411,6 +426,7 @@ def serve(
         api_key: If set, every request must carry it in the header X-API-Key (the page asks for it).
         timeout: Seconds a request may wait for its answer before a 504.
         min_probability: The lowest top-class probability that counts as an answer ("answered": false below it); null: the checkpoint's (fit --model.target_accuracy), else 0.
+        runtime: What runs a checkpoint: auto (ONNX Runtime on a CPU, converted once into the cache and checked against PyTorch; PyTorch on a GPU or where that fails), torch, or onnxruntime.
     """
     if host not in HOSTS:
         raise UserError(f"--host {host}: choose one of {', '.join(HOSTS)}.")
@@ -422,7 +438,8 @@ def serve(
             "--max_upload_mb above 0."
         )
     path = find_checkpoint(ckpt_path, "runs")
-    described = Classifier(path, "cpu").describe()  # a bad file fails here, with its reason, not in a worker
+    # A bad file fails here, with its reason, not in a worker; a checkpoint is converted here, once.
+    described = Classifier(path, "cpu", runtime).describe()
     if max_image_pixels:
         described["max_image_pixels"] = max_image_pixels
     if min_probability is not None:
@@ -433,7 +450,7 @@ def serve(
             )
         described["min_probability"] = min_probability
     api = ClassifierAPI(
-        path, max_image_pixels, min_probability, max_batch_size=max_batch_size, batch_timeout=batch_timeout
+        path, max_image_pixels, min_probability, runtime, max_batch_size=max_batch_size, batch_timeout=batch_timeout
     )
     ls.server.LIT_SERVER_API_KEY = api_key  # LitServe's key check reads it (it is read from the environment)
     server = ls.LitServer(

@@ -20,8 +20,46 @@ def run(command: str, args: list[str], description: str, from_sys_argv: bool) ->
         export(**parser.parse_args(args).as_dict())
 
 
+# Trainer options a checkpoint's predict takes that keep a meaning for an .onnx file (ONNX
+# Runtime, fp32, one CPU process): the values that fit it, or None for any value (display only).
+ONNX_TRAINER_OPTIONS: dict[str, tuple[str, ...] | None] = {
+    "--trainer.accelerator": ("cpu", "auto"),
+    "--trainer.devices": ("1", "auto"),
+    "--trainer.precision": ("32", "32-true"),
+    "--trainer.enable_progress_bar": None,
+    "--trainer.enable_model_summary": None,
+}
+
+
+def check_onnx_options(args: list[str]) -> list[str]:
+    """`args` without the Trainer options an .onnx file's predict accepts and ignores; a clear
+    error for one with a value it cannot honour, or for any other Trainer option."""
+    kept: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        name, given, value = arg.partition("=")
+        if not name.startswith("--trainer.") or name == "--trainer.default_root_dir":
+            kept.append(arg)
+            continue
+        if name not in ONNX_TRAINER_OPTIONS:
+            raise UserError(
+                f"{name} means nothing for an .onnx file, which ONNX Runtime runs on the CPU in one process; "
+                f"it takes {', '.join(ONNX_TRAINER_OPTIONS)} (for the same command line as a checkpoint's) and "
+                "--trainer.default_root_dir. Predict with the checkpoint to use the Trainer's options."
+            )
+        value = value if given else next(rest, "")
+        allowed = ONNX_TRAINER_OPTIONS[name]
+        if allowed is not None and value.lower() not in allowed:
+            raise UserError(
+                f"{name} {value}: an .onnx file runs fp32 on the CPU with ONNX Runtime ({name} takes "
+                f"{' or '.join(allowed)} here); predict with the checkpoint for another device or precision."
+            )
+    return kept
+
+
 def main_predict_onnx(args: list[str], description: str) -> None:
     """`python -m tl_project predict --ckpt_path X.onnx --data.predict_dir DIR ...`"""
+    args = check_onnx_options(args)
     parser = ArgumentParser(**parser_settings("predict", f"{description} (an .onnx file: ONNX Runtime)"))
     parser.add_argument("--ckpt_path", required=True, help="The exported .onnx file.")
     parser.add_argument("--data.predict_dir", required=True, help="A folder (searched recursively) or one image.")
@@ -35,6 +73,9 @@ def main_predict_onnx(args: list[str], description: str) -> None:
         "--output", help="The predictions CSV (continued after an interruption, never overwritten); default: the run's."
     )
     parser.add_argument("--min_probability", type=float | None, default=None, help=MIN_PROBABILITY_HELP)
+    parser.add_argument(
+        "--runtime", type=Literal["auto", "onnxruntime"], default="auto", help="An .onnx file: ONNX Runtime."
+    )
     parser.add_argument(
         "--explain", type=str | None, default=None, help="Class-activation maps: from a checkpoint only."
     )
