@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import socket
@@ -247,6 +248,8 @@ def main_benchmark() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="serve_benchmark_") as tmp:
         base = Path(tmp)
+        # A checkpoint's conversion to ONNX (serve --runtime auto) goes into the temporary folder's cache.
+        os.environ["XDG_CACHE_HOME"] = str(base / "cache")
         paths = write_images(base / "images", args.images)
         checkpoint = make_checkpoint(base / "images", base / "runs", args.backbone)
         models = {} if args.only_handwritten else {"checkpoint": checkpoint}
