@@ -69,6 +69,20 @@ def test_last_ckpt_follows_every_validation_and_holds_the_best_so_far(image_fold
     # last.ckpt was written after the best was taken in: resuming from it keeps the right best.
     state = next(v for k, v in last["callbacks"].items() if k.startswith("Checkpoint{"))
     assert Path(state["best_model_path"]).name == os.readlink(best)
+    assert not os.path.samefile(folder / "last.ckpt", best)  # a later step: a file of its own
+
+
+def test_a_checkpoint_that_is_both_best_and_last_is_on_disk_once(image_folder: Path, tmp_path: Path) -> None:
+    main(fit_args(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1"))
+    folder = run_dirs(tmp_path / "runs")[0] / "checkpoints"
+    best = folder / os.readlink(folder / "best.ckpt")
+    assert os.path.samefile(folder / "last.ckpt", best) and best.stat().st_nlink == 2  # one copy, two names
+    assert not list(folder.glob(".*"))  # no temporary file left
+    resumed = torch.load(folder / "last.ckpt", weights_only=True)
+    assert (
+        resumed["epoch"] == 0
+        and resumed["state_dict"].keys() == torch.load(best, weights_only=True)["state_dict"].keys()
+    )
 
 
 @pytest.fixture

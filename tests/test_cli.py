@@ -345,6 +345,15 @@ def test_private_lightning_members_in_use_still_exist() -> None:
     from litdata import StreamingDataLoader
 
     assert "self.restore = " in inspect_module.getsource(StreamingDataLoader.__init__)
+    # callbacks.py: ModelCheckpoint's record of its latest save, so that last.ckpt links to it.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    assert "self._last_checkpoint_saved = filepath" in inspect_module.getsource(ModelCheckpoint._save_checkpoint)
+    assert "self._last_global_step_saved = trainer.global_step" in inspect_module.getsource(
+        ModelCheckpoint._save_checkpoint
+    )
+    # lightning_cli.py: the subcommand parser, extended for this tool's help texts.
+    assert hasattr(LightningCLI, "_prepare_subcommand_parser")
     # serve.py: LitServe's API key, read from the environment at import, checked per request.
     import litserve.server
 

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tl_project.checkpoints import AtomicCheckpointIO
 from tl_project.errors import UserError
 from tl_project.predictions import PredictionFile
 from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, say, small_batch_advice
@@ -36,7 +37,7 @@ class Checkpoint(ModelCheckpoint):
         if not self.save_last:
             return None
         self.save_last = False
-        return LastCheckpoint(self.dirpath, self.save_weights_only)
+        return LastCheckpoint(self.dirpath, self.save_weights_only, companion=self)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -67,7 +68,14 @@ class LastCheckpoint(ModelCheckpoint):
     SIGTERM (a scheduler's notice before preemption) before the run stops: a `ModelCheckpoint`
     of the latest, named `last`, with no monitor."""
 
-    def __init__(self, dirpath: str | Path | None = None, save_weights_only: bool = False) -> None:
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        save_weights_only: bool = False,
+        companion: ModelCheckpoint | None = None,
+    ) -> None:
+        """`companion`: the top-k `Checkpoint`; when it saved at this very step, `last.ckpt` is a
+        hard link to its file (one copy on disk for a checkpoint that is both best and last)."""
         super().__init__(
             dirpath=dirpath,
             filename=self.CHECKPOINT_NAME_LAST,
@@ -76,6 +84,32 @@ class LastCheckpoint(ModelCheckpoint):
             save_weights_only=save_weights_only,
             enable_version_counter=False,
         )
+        self.companion = companion
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        companion = self.companion
+        # Lightning's record of the companion's latest save (the same on every process).
+        saved = getattr(companion, "_last_checkpoint_saved", None)
+        # Only with writes that replace the file (a rename): one written in place would change both names.
+        replaces = isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+        if companion is None or not saved or not replaces or companion._last_global_step_saved != trainer.global_step:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        linked = True
+        if trainer.is_global_zero:
+            tmp = Path(filepath).with_name(f".{Path(filepath).name}.link")
+            try:
+                tmp.unlink(missing_ok=True)
+                os.link(saved, tmp)  # the same file: nothing written twice
+                os.replace(tmp, filepath)
+            except OSError:  # a file system without hard links: a copy as before
+                linked = False
+        if not trainer.strategy.broadcast(linked):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        trainer.strategy.barrier("last.ckpt linked")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Only on SIGTERM: after any other error the weights may be broken (e.g. a NaN loss).
