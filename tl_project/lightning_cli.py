@@ -128,6 +128,14 @@ class TransferLearningCLI(LightningCLI):
             **kwargs,
         )
 
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The model's and the data's options first, then the Trainer's: `--help` leads with
+        what this tool adds (Lightning adds the Trainer's first)."""
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
@@ -164,6 +172,15 @@ class TransferLearningCLI(LightningCLI):
             parser.add_argument(
                 "--runtime", type=Literal["auto", "torch", "onnxruntime"], default="auto", help=RUNTIME_HELP
             )
+        return parser
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's subcommand parser, with this tool's words for the Trainer method's options."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        helps = {"ckpt_path": CKPT_PATH_HELP[subcommand == "fit"], "weights_only": WEIGHTS_ONLY_HELP}
+        for action in parser._actions:
+            if action.dest in helps:
+                action.help = helps[action.dest]
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -252,6 +269,18 @@ class TransferLearningCLI(LightningCLI):
         return trainer
 
 
+CKPT_PATH_HELP = {
+    True: "A checkpoint to resume from, with its run's own settings (its config.yaml; flags and configs you "
+    "pass win): a .ckpt file, or last / best (the newest run under --trainer.default_root_dir; the file is "
+    "named when it starts). Default: a new run.",
+    False: "The checkpoint to use: a .ckpt file (its model and data settings are the defaults: flags win), or "
+    "last / best (the newest run under --trainer.default_root_dir; the file is named when it starts).",
+}
+WEIGHTS_ONLY_HELP = (
+    "How checkpoints are read: true (the default when left null) loads tensors and plain values only, never "
+    "code; every tl_project checkpoint loads so. false unpickles arbitrary objects: never for a file you did "
+    "not make yourself."
+)
 MIN_PROBABILITY_HELP = (
     "The lowest top-class probability that counts as an answer: the CSV's answered column is false below it. "
     "Default: the checkpoint's (fit --model.target_accuracy), else 0 (every image answered)."
