@@ -5,8 +5,11 @@ and validation, never out of test, recorded in the checkpoint; named datasets to
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,20 @@ def test_bad_exclude_and_shards_are_refused(tmp_path: Path, capfd: pytest.Captur
     assert exit_code(fit_args(root, tmp_path / "runs", "--data.exclude", str(tmp_path / "missing.csv"))) == 2
     assert "--data.exclude" in capfd.readouterr().err
     assert exit_code(["fit", "--data.dataset", "litdata", "--data.root", str(tmp_path), "--data.exclude", "x"]) == 2
+
+
+def test_label_issues_without_cleanlab_name_the_extra_before_any_fold_trains(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cleanlab" else real(name, *a))
+    args = fit_args(image_folder, tmp_path / "runs", "--cv.folds", "2", "--cv.label_issues", "true")
+    assert exit_code(["cv", *args[1:]]) == 2
+    assert "pip install 'tl_project[labels]'" in capfd.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_commands_do_not_import_cleanlab_until_labels_are_ranked() -> None:
+    code = "import sys, tl_project.commands.cv, tl_project.lightning_cli; print('cleanlab' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

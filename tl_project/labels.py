@@ -21,18 +21,16 @@ the fold model's thresholds, and the issues come from cleanlab's multi-label fun
 from __future__ import annotations
 
 import csv
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from cleanlab.filter import find_label_issues as cleanlab_issues
-from cleanlab.multilabel_classification.filter import find_label_issues as cleanlab_multilabel_issues
-from cleanlab.multilabel_classification.rank import get_label_quality_scores as multilabel_quality_scores
-from cleanlab.rank import get_label_quality_scores
 
 from tl_project.data.module import device_batches
+from tl_project.errors import UserError
 from tl_project.report import plot_image_grid
 from tl_project.runtime import gather_objects, say, warn
 
@@ -113,8 +111,20 @@ def write_out_of_fold(oof: OutOfFold, path: Path) -> None:
             writer.writerow([name, named(oof, label), named(oof, predicted), *(f"{p:.6f}" for p in row)])
 
 
+def require_cleanlab() -> None:
+    """cleanlab is the labels extra (it brings scikit-learn, SciPy and pandas: about 250 MB)."""
+    if importlib.util.find_spec("cleanlab") is None:
+        raise UserError("Ranking suspect labels (--cv.label_issues) needs cleanlab: pip install 'tl_project[labels]'.")
+
+
 def find_label_issues(oof: OutOfFold) -> list[tuple[int, Any, float]]:
     """(position, suggested label, quality) of the images cleanlab flags, most suspect first."""
+    require_cleanlab()
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+    from cleanlab.multilabel_classification.filter import find_label_issues as cleanlab_multilabel_issues
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores as multilabel_quality_scores
+    from cleanlab.rank import get_label_quality_scores
+
     probabilities = np.asarray(oof.probabilities, dtype=np.float64)
     if oof.multi_label:
         ranked = cleanlab_multilabel_issues(oof.labels, probabilities, return_indices_ranked_by="self_confidence")
@@ -153,7 +163,7 @@ def write_label_issues(oof: OutOfFold, folder: Path) -> dict[str, Any]:
     top = issues[:GRID_IMAGES]
     plot_image_grid(
         [
-            (oof.sources[i][0].load(oof.sources[i][1])[0], f"given: {named(oof, oof.labels[i])}\nsuggested: {named(oof, s)} ({q:.2f})")
+            (oof.sources[i][0].load(oof.sources[i][1])[0], f"given: {named(oof, oof.labels[i])} (quality {q:.2f})\nsuggested: {named(oof, s)}")
             for i, s, q in top
         ],
         "Most suspect labels (out-of-fold, cleanlab)",

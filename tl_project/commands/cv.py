@@ -28,7 +28,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
 from tl_project.errors import UserError
-from tl_project.labels import OutOfFold, fold_predictions, write_label_issues, write_out_of_fold
+from tl_project.labels import OutOfFold, fold_predictions, require_cleanlab, write_label_issues, write_out_of_fold
 from tl_project.lightning_cli import TransferLearningCLI, launched, parser_settings
 from tl_project.runtime import say
 
@@ -75,6 +75,8 @@ def run_cv(config: Namespace) -> None:
     folds, test = config.cv.folds, config.cv.test
     if folds < 2:
         raise UserError(f"--cv.folds is {folds}; it must be an integer of at least 2.")
+    if config.cv.label_issues:
+        require_cleanlab()  # before any fold trains
     folder = cv_folder(Path(config.trainer.default_root_dir or "runs"))
     try:
         results, oof = fit_folds(config, folds, test, folder)
