@@ -382,6 +382,8 @@ QUIET_WARNINGS = (
     r"Your `IterableDataset` has `__len__` defined",
     r"Couldn't infer the batch indices fetched from your dataloader",
     r"The given buffer is not writable",  # LitData reads its chunks read-only; nothing writes to them
+    # The summary's size estimate is of the fp32 parameters, which is what a checkpoint holds.
+    r"Precision .* is not supported by the model summary",
 )
 
 
