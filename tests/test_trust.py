@@ -20,7 +20,7 @@ from tl_project import main
 from tl_project import serve as serve_module
 from tl_project.calibration import ANSWER_NOTHING, Selective, answer_threshold, calibration_error, fit_temperature
 from tl_project.errors import UserError
-from tl_project.explain import in_original, last_spatial_layer
+from tl_project.explain import ClassActivationMaps, in_original, last_spatial_layer
 from tl_project.model import TransferLearningModel
 from tl_project.serve import ClassifierAPI, Rejected, Upload
 from tl_project.transforms import IMAGENET
@@ -95,6 +95,14 @@ def test_a_backbone_without_a_spatial_stage_is_refused_with_the_reason() -> None
         last_spatial_layer(tokens, 8)
     model = TransferLearningModel(3, backbone="resnet18", weights=None)
     assert last_spatial_layer(model.backbone, 64) is model.backbone.layer4
+
+
+def test_maps_of_a_gradual_model_whose_backbone_is_still_frozen() -> None:
+    """finetune gradual runs its frozen backbone without gradients; the maps still get them."""
+    model = TransferLearningModel(3, backbone="resnet18", weights=None, finetune="gradual").eval()
+    assert model.backbone_frozen
+    maps = ClassActivationMaps(model, 64)(torch.randn(2, 3, 64, 64), torch.tensor([0, 2]))
+    assert maps.shape == (2, 64, 64) and float(maps.amax()) == 1.0
 
 
 # -- through the commands --

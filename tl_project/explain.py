@@ -79,7 +79,12 @@ class ClassActivationMaps:
         layer_grad_cam = require_captum()
         self.model = model
         self.image_size = image_size
-        self.gradcam = layer_grad_cam(model.forward, last_spatial_layer(model.backbone, image_size))
+        # The plain network, not `model.forward`: that one runs a frozen backbone without
+        # gradients (finetune gradual before its unfreeze epoch), and the maps need them.
+        self.gradcam = layer_grad_cam(self.logits, last_spatial_layer(model.backbone, image_size))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.backbone(images))
 
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Maps (N x S x S, 0..1, each scaled to its own maximum) of `classes` on normalised

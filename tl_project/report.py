@@ -48,7 +48,7 @@ from torchmetrics.classification import (
 from tl_project.calibration import Selective, calibration_error, reliability, risk_coverage
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
-from tl_project.runtime import gather_objects, say
+from tl_project.runtime import gather_objects, say, warn
 from tl_project.transforms import Preprocessing, normalize
 
 # Above this many classes, cell values would not fit in the confusion-matrix picture.
@@ -157,13 +157,18 @@ def plot_misclassified(
     """A grid of the most confidently wrong images: true and predicted class, confidence;
     `maps(indices, classes)`, where given, draws each image's map of its predicted class over it."""
     images = [dataset.load(index)[0] for _, index, _, _ in wrong]
+    drawn = False
     if maps is not None and wrong:
-        images = maps([index for _, index, _, _ in wrong], [predicted for *_, predicted in wrong], images)
+        try:
+            images = maps([index for _, index, _, _ in wrong], [predicted for *_, predicted in wrong], images)
+            drawn = True
+        except Exception as error:  # the maps are an extra: the report is written without them
+            warn(f"The test report's misclassified.png has no class-activation maps: {error}")
     items = [
         (image, f"true: {class_names[target]}\npredicted: {class_names[predicted]} ({confidence:.2f})")
         for image, (confidence, _, target, predicted) in zip(images, wrong, strict=True)
     ]
-    title = "Most confidently wrong test images" + (" (where the model looked)" if maps is not None else "")
+    title = "Most confidently wrong test images" + (" (where the model looked)" if drawn else "")
     plot_image_grid(items, title, "No misclassified test images", path)
 
 
