@@ -116,3 +116,17 @@ def test_pickle_payload_in_weights_file_never_runs(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="weights_only=True"):
         build_backbone("resnet18", weights=str(path))
     assert not marker.exists()
+
+
+def test_offline_fit_names_the_weights_and_the_dataset_at_once(
+    offline: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A first run offline: both things to fix in one message, with the true fix for each."""
+    from tests.helpers import exit_code
+
+    args = ["fit", "--config", "configs/base.yaml", "--data.root", str(tmp_path / "data")]
+    assert exit_code([*args, "--trainer.default_root_dir", str(tmp_path / "runs")]) == 2
+    err = capfd.readouterr().err
+    assert "Pretrained weights resnet50 IMAGENET1K_V2 are not available" in err
+    assert "The data has a problem too: FashionMNIST is not in" in err and "Check the network" in err
+    assert "apt-get install dataset-fashion-mnist" in err and not (tmp_path / "runs").exists()

@@ -44,6 +44,7 @@ from tl_project.backbones import check_input_size
 from tl_project.callbacks import Checkpoint, DivergenceGuard, EarlyStop, FitSummary, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
+from tl_project.data.named import missing_named
 from tl_project.errors import PROG, UserError
 from tl_project.explain import ExplanationWriter, last_spatial_layer, require_captum
 from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
@@ -206,6 +207,19 @@ class TransferLearningCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Done in `parse_arguments`, where the checkpoint's values rank below explicit ones."""
+
+    def instantiate_classes(self) -> None:
+        """The classes of the config; when the model cannot be built (its weights), the data's
+        problem too, where it has one, so that one run shows everything to fix."""
+        try:
+            super().instantiate_classes()
+        except UserError as error:
+            data = (self.config[self.subcommand] if self.subcommand else self.config).get("data") or {}
+            root = Path(data.get("root") or "data").expanduser()
+            problem = missing_named(data.get("dataset"), root, bool(data.get("download")))
+            if problem is None or problem in str(error):
+                raise
+            raise UserError(f"{error}\nThe data has a problem too: {problem}") from None
 
     def before_instantiate_classes(self) -> None:
         subcommand_config = self.config[self.subcommand] if self.subcommand else self.config

@@ -75,6 +75,17 @@ def _missing_dataset(name: str, root: Path, reason: str, tried_download: bool = 
     return UserError(f"{name} is not in {root} ({reason}). {fix}{hint}")
 
 
+def missing_named(name: str | None, root: Path, download: bool) -> str | None:
+    """Why the named dataset `name` cannot be read from `root` now (its files are not there),
+    or None: what `fit` would meet after the problem at hand is fixed."""
+    if name not in ("MNIST", "FashionMNIST"):
+        return None  # the others are checked by torchvision itself, when they are read
+    if all(_idx_file(root, name, stem) for train in (True, False) for stem in _mnist_stems(train)):
+        return None
+    reason = "not downloaded yet: the download needs the network" if download else "its IDX files were not found"
+    return str(_missing_dataset(name, root, reason, tried_download=download))
+
+
 def download_named(name: str, root: Path) -> None:
     """Download `name` into `root` with torchvision unless it is already there; never into a
     folder of the user's own images."""
