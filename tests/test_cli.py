@@ -470,3 +470,16 @@ def test_no_import_cycles_in_the_package() -> None:
 
     cycles = [cycle for name in graph if (cycle := cycle_from(name))]
     assert not cycles, cycles[0]
+
+
+def test_the_model_summary_has_no_flops_of_zero(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import COLORS, make_image_folder
+    from tests.helpers import fit_args
+    from tl_project import main
+
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=6)
+    args = fit_args(root, tmp_path / "runs", "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "true")
+    main(args)
+    captured = capfd.readouterr()
+    assert "Trainable params: 11.2 M" in captured.out and "FLOPs" not in captured.out + captured.err
+    assert "model_summary.py" not in captured.err  # no warning with a site-packages path

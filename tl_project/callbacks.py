@@ -11,8 +11,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping, ModelCheckpoint, RichModelSummary
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
 from tl_project.checkpoints import AtomicCheckpointIO
 from tl_project.errors import UserError
@@ -61,6 +62,42 @@ class Checkpoint(ModelCheckpoint):
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target)
         os.replace(tmp, link)
+
+
+class ModelOverview(RichModelSummary):
+    """Lightning's model summary without its FLOPs column and total, which Lightning counts only
+    for a model with an example input and prints as 0 for this one."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name, justify="right" if name in ("Params", "In sizes", "Out sizes") else "left")
+        for row in zip(*(values for _, values in columns), strict=True):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        trainable, frozen, total = (
+            get_human_readable_count(n).strip()
+            for n in (trainable_parameters, total_parameters - trainable_parameters, total_parameters)
+        )
+        console.print(
+            f"Trainable params: {trainable}, non-trainable: {frozen}, total: {total} "
+            f"({get_formatted_model_size(model_size)} MB in fp32); modules in train mode: "
+            f"{total_training_modes['train']}, in eval mode: {total_training_modes['eval']}"
+        )
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -41,7 +41,7 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tl_project.backbones import check_input_size
-from tl_project.callbacks import Checkpoint, DivergenceGuard, EarlyStop, FitSummary, PredictionWriter
+from tl_project.callbacks import Checkpoint, DivergenceGuard, EarlyStop, FitSummary, ModelOverview, PredictionWriter
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.data.named import missing_named
@@ -261,6 +261,8 @@ class TransferLearningCLI(LightningCLI):
         callbacks = as_list(config.get("callbacks"))
         if self.subcommand in (None, "fit"):
             callbacks += [FitSummary(), DivergenceGuard()]
+            if config.get("enable_model_summary") is not False:
+                callbacks.append(ModelOverview())  # Lightning's, without its FLOPs of 0
             if kwargs.get("logger", config.get("logger")):
                 callbacks.append(LearningRateMonitor())
         if self.subcommand == "predict":
@@ -402,11 +404,12 @@ QUIET_WARNINGS = (
 
 
 class _Notices(logging.Filter):
-    """Drops Lightning's advertisement and its "Seed set to" line; the run's own lines stay."""
+    """Drops Lightning's advertisement, its "Seed set to" line and its note that the summary is
+    this tool's own; the run's own lines stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("💡 Tip:") or message.startswith("Seed set to"))
+        return not message.startswith(("💡 Tip:", "Seed set to", "Trainer already configured with model summary"))
 
 
 def quiet_lightning() -> None:
