@@ -20,6 +20,7 @@ from tl_project.checkpoints import read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError
 from tl_project.multilabel import best_f1_thresholds, predicted_sets
+from tl_project.predictions import answer_threshold_in_force
 from tl_project.recipe import BatchMix, positive_weights
 from tl_project.serve import Classifier, ClassifierAPI, Upload
 from tl_project.transforms import eval_transform
@@ -341,3 +342,16 @@ def test_ddp_fits_and_tests_multi_label_with_the_metrics_of_one_process(
     two, one = (read_csv(run / "metrics.csv")[-1] for run in run_dirs(runs)[-2:])
     for key in ("test/map", "test/acc", "test/f1_micro"):
         assert float(two[key]) == pytest.approx(float(one[key]), abs=1e-6), key
+
+
+def test_min_probability_is_refused_for_multi_label_by_predict_and_serve(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    predict = ["predict", "--ckpt_path", str(trained["ckpt"]), "--data.predict_dir", str(trained["root"] / "images")]
+    assert exit_code([*predict, "--output", str(tmp_path / "p.csv"), "--min_probability", "0.5", *QUIET]) == 2
+    assert "a multi-label model answers each class at its own threshold" in capfd.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+    with pytest.raises(UserError, match="multi-label model answers each class"):
+        answer_threshold_in_force(0.5, 0.0, multi_label=True)
+    assert answer_threshold_in_force(None, 0.3, multi_label=True) == 0.3
+    assert answer_threshold_in_force(0.7, 0.3, multi_label=False) == 0.7

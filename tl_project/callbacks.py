@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.model_summary.model_summary import get_formatte
 
 from tl_project.checkpoints import AtomicCheckpointIO
 from tl_project.errors import UserError
-from tl_project.predictions import PredictionFile
+from tl_project.predictions import PredictionFile, answer_threshold_in_force
 from tl_project.runtime import LOW_PRECISIONS, MIN_BATCHNORM_BATCH, say, small_batch_advice
 
 
@@ -198,13 +198,8 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After the checkpoint is loaded: the answer threshold it carries, unless one was given."""
         assert self.file is not None
-        if self.min_probability is not None and getattr(pl_module, "multi_label", False):
-            raise UserError(
-                "--min_probability marks single-label answers; a multi-label model answers each class at its own "
-                "threshold (in the checkpoint): leave it out."
-            )
-        saved = float(getattr(pl_module, "min_probability", 0.0))
-        self.file.min_probability = saved if self.min_probability is None else self.min_probability
+        saved, multi_label = float(getattr(pl_module, "min_probability", 0.0)), getattr(pl_module, "multi_label", False)
+        self.file.min_probability = answer_threshold_in_force(self.min_probability, saved, multi_label)
 
     def write_on_batch_end(
         self,

@@ -28,7 +28,7 @@ from tl_project.data import ImageDataModule
 from tl_project.data.module import device_batches
 from tl_project.errors import UserError
 from tl_project.model import TransferLearningModel
-from tl_project.predictions import PredictionFile
+from tl_project.predictions import PredictionFile, answer_threshold_in_force
 from tl_project.runtime import say
 from tl_project.runtimes import InferenceNetwork, example_batch, onnx_session, write_onnx
 from tl_project.transforms import Preprocessing
@@ -186,11 +186,7 @@ def predict_onnx(
     data.preprocessing = model.preprocessing
     data.setup("predict")
     path = Path(output) if output else Path(CSVLogger(save_dir=default_root_dir, name="").log_dir) / "predictions.csv"
-    if min_probability is not None and model.multi_label:
-        raise UserError(
-            "--min_probability marks single-label answers; a multi-label model answers each class at its own threshold: leave it out."
-        )
-    threshold = model.min_probability if min_probability is None else min_probability
+    threshold = answer_threshold_in_force(min_probability, model.min_probability, model.multi_label)
     file = PredictionFile(
         path, data.predict_paths, model.classes, label_delimiter=model.delimiter, min_probability=threshold
     )

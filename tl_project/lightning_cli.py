@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from jsonargparse import ArgumentParser
@@ -51,7 +51,7 @@ from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLe
 from tl_project.multilabel_report import MultiLabelReport
 from tl_project.report import TestReport
 from tl_project.runtime import check_output_dir, choose_precision, say
-from tl_project.runtimes import InferenceRuntime
+from tl_project.runtimes import InferenceRuntime, Runtime
 
 ENV_PREFIX = "TL_PROJECT"
 CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parent.parent / "configs")
@@ -170,9 +170,7 @@ class TransferLearningCLI(LightningCLI):
             )
             parser.add_argument("--min_probability", type=float | None, default=None, help=MIN_PROBABILITY_HELP)
             parser.add_argument("--explain", type=str | None, default=None, help=EXPLAIN_HELP)
-            parser.add_argument(
-                "--runtime", type=Literal["auto", "torch", "onnxruntime"], default="auto", help=RUNTIME_HELP
-            )
+            parser.add_argument("--runtime", type=Runtime, default="auto", help=RUNTIME_HELP)
         return parser
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:

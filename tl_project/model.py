@@ -407,13 +407,13 @@ class TransferLearningModel(L.LightningModule):
             return
         say(f"Accuracy of the model on the test images: {100 * accuracy.item():.2f} %")
 
-    def evaluate(self, images: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
-        """Logits for test and predict: with `tta` flip, the mean of the image's and its mirror's;
-        divided by the temperature unless `calibrated` is false."""
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits for test and predict: with `tta` flip, the mean of the image's and its
+        mirror's; divided by the temperature."""
         logits = self(images)
         if self.hparams.get("tta") == "flip":
             logits = (logits + self(images.flip(-1))) / 2
-        return self.calibrated(logits) if calibrated else logits
+        return self.calibrated(logits)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits divided by the fitted temperature (per class for multi-label)."""

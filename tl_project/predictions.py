@@ -50,6 +50,19 @@ def multilabel_row(
     return [path, labels, *(f"{p:.6f}" for p in probabilities)]
 
 
+def answer_threshold_in_force(given: float | None, saved: float, multi_label: bool) -> float:
+    """The probability an answer needs: `--min_probability` where given, else the model's own
+    (fit --model.target_accuracy; 0 answers every image). A multi-label model refuses one."""
+    if given is None:
+        return saved
+    if multi_label:
+        raise UserError(
+            "--min_probability marks single-label answers; a multi-label model answers each class at its own "
+            "threshold (chosen on validation): leave it out."
+        )
+    return given
+
+
 def row(
     path: str, classes: Sequence[int], probabilities: Sequence[float], names: Sequence[str], min_probability: float
 ) -> list[str]:

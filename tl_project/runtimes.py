@@ -21,7 +21,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
@@ -34,7 +34,7 @@ from tl_project.errors import UserError
 from tl_project.runtime import say, usable_cores, warn
 
 Runtime = Literal["auto", "torch", "onnxruntime"]
-RUNTIMES = ("auto", "torch", "onnxruntime")
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 # The export's parity tolerances (export --rtol/--atol defaults).
 RTOL, ATOL = 1e-3, 1e-4
 # Raised with the cache's layout or the conversion, so that old cached files are not reused.

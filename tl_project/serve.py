@@ -51,6 +51,7 @@ from tl_project.data.images import decode_image_bytes
 from tl_project.errors import UserError
 from tl_project.export import OnnxClassifier
 from tl_project.model import TransferLearningModel
+from tl_project.predictions import answer_threshold_in_force
 from tl_project.runtime import choose_precision, say, usable_cores, warn
 from tl_project.runtimes import choose, onnx_logits
 from tl_project.transforms import Preprocessing, eval_transform, normalize
@@ -228,8 +229,9 @@ class ClassifierAPI(ls.LitAPI):
         end_with(self.server_process)
         torch.set_num_threads(usable_cores())
         self.classifier = Classifier(self.model_path, device, self.runtime)
-        if self.min_probability is not None:
-            self.classifier.min_probability = self.min_probability
+        self.classifier.min_probability = answer_threshold_in_force(
+            self.min_probability, self.classifier.min_probability, self.classifier.multi_label
+        )
         self.maps: Any = None  # ClassActivationMaps, made at the first request that asks
         self.max_pixels = self.max_image_pixels or self.classifier.max_pixels
         self.transform = eval_transform(self.classifier.image_size, self.classifier.preprocessing)
@@ -442,13 +444,9 @@ def serve(
     described = Classifier(path, "cpu", runtime).describe()
     if max_image_pixels:
         described["max_image_pixels"] = max_image_pixels
-    if min_probability is not None:
-        if described["multi_label"]:
-            raise UserError(
-                "--min_probability marks single-label answers; a multi-label model answers each class at its own "
-                "threshold: leave it out."
-            )
-        described["min_probability"] = min_probability
+    described["min_probability"] = answer_threshold_in_force(
+        min_probability, described["min_probability"], described["multi_label"]
+    )
     api = ClassifierAPI(
         path, max_image_pixels, min_probability, runtime, max_batch_size=max_batch_size, batch_timeout=batch_timeout
     )
