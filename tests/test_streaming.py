@@ -16,7 +16,7 @@ from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import ACCURACY_LINE, QUIET, RECORD_ENV, exit_code, read_csv, run_dirs
 from tl_project import main
-from tl_project.data import ImageDataModule
+from tl_project.data import ImageDataModule, streaming
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
@@ -84,6 +84,19 @@ def test_clear_errors(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None
     assert "holds other files" in capfd.readouterr().err and (taken / "thesis.tex").read_text() == "mine"
     assert exit_code(_shards_args(tmp_path / "nothing", tmp_path / "runs")) == 2
     assert "No shards written by tl_project" in capfd.readouterr().err
+
+
+def test_without_litdata_shards_name_the_extra(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(streaming, "INSTALLED", False)
+    images = make_image_folder(tmp_path / "images", COLORS, per_class=4)
+    assert exit_code(["optimize", "--data.root", str(images), "--output", str(tmp_path / "out")]) == 2
+    assert "optimize needs LitData" in (err := capfd.readouterr().err) and "tl_project[shards]" in err
+    assert not (tmp_path / "out").exists()
+    assert exit_code(_shards_args(shards, tmp_path / "runs")) == 2
+    assert "--data.dataset litdata (shards) needs LitData" in capfd.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_training_batches_from_shards_mix_the_classes(tmp_path: Path) -> None:

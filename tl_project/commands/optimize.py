@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tl_project.data.streaming import META, is_url, write_shards
+from tl_project.data.streaming import META, is_url, require_litdata, write_shards
 from tl_project.errors import UserError
 from tl_project.lightning_cli import data_module, launched
 from tl_project.runtime import say, usable_cores
@@ -15,6 +15,7 @@ def run(command: str, args: list[str], description: str, from_sys_argv: bool) ->
     with launched(command, args, from_sys_argv) as args:
         output_help = "Where the shards go: a new or earlier shards folder, or a URL LitData writes to (s3://...)."
         data, config = data_module(command, description, args, **{"--output": {"required": True, "help": output_help}})
+        require_litdata("optimize")
         output = str(config.output)
         if not is_url(output):
             target = Path(output).expanduser()

@@ -31,7 +31,16 @@ from tl_project.data.exclude import image_key, without_excluded
 from tl_project.data.folders import Splits, carve, folder_classes, folder_splits, predict_paths
 from tl_project.data.named import NAMED_DATASETS, download_named, read_named
 from tl_project.data.splits import SPLITS, fold_split, stratified_split
-from tl_project.data.streaming import LITDATA, ShardDataset, ShardItems, is_url, read_meta, shard_loader, shard_split
+from tl_project.data.streaming import (
+    LITDATA,
+    ShardDataset,
+    ShardItems,
+    is_url,
+    read_meta,
+    require_litdata,
+    shard_loader,
+    shard_split,
+)
 from tl_project.data.table import Row, check_training_images, read_table, table_classes
 from tl_project.errors import UserError, class_mismatch
 from tl_project.transforms import CropSampler
@@ -218,6 +227,7 @@ class ShardSource:
     def __init__(
         self, root: str | None, balance: str, folds: int, exclude: str | None = None, multi_label: bool = False
     ) -> None:
+        require_litdata(f"--data.dataset {LITDATA} (shards)")
         if not root:
             raise UserError(f"--data.dataset {LITDATA} needs --data.root: the folder or URL optimize wrote.")
         if balance == "sampler":

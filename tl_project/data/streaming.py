@@ -12,6 +12,8 @@ folder lists its images class by class, and LitData shuffles chunks and blocks o
 within a chunk, never items across chunks, so shards written in folder order train on
 batches of one or two classes.
 
+LitData is the `shards` extra (`pip install 'tl_project[shards]'`); without it both uses say so.
+
 `--data.dataset litdata --data.root SHARDS` streams the training split with
 `ShardDataset` (a `litdata.StreamingDataset`) through `ShardLoader` (a
 `litdata.StreamingDataLoader`): LitData shares the chunks out between DDP processes and
@@ -31,24 +33,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from litdata import StreamingDataLoader, StreamingDataset, optimize
-
-# LitData 0.2.76: its one reader/writer of single files on object storage (private; pinned in
-# pyproject.toml and watched by tests/test_cli.py::test_private_lightning_members_in_use_still_exist).
-from litdata.streaming.fs_provider import _get_fs_provider
 
 from tl_project.data.datasets import ImageDataset, multi_hot
 from tl_project.data.images import decode_image_bytes
 from tl_project.data.splits import permutation
 from tl_project.errors import UserError
 
+try:  # the optional shards extra
+    from litdata import StreamingDataLoader, StreamingDataset, optimize
+
+    # LitData 0.2.76: its one reader/writer of single files on object storage (private; pinned in
+    # pyproject.toml and watched by tests/test_cli.py::test_private_lightning_members_in_use_still_exist).
+    from litdata.streaming.fs_provider import _get_fs_provider
+
+    INSTALLED = True
+except ImportError:  # pragma: no cover - exercised by simulating the missing extra
+    # The classes below still need bases; require_litdata() stops every use before they are made.
+    StreamingDataset = StreamingDataLoader = object
+    INSTALLED = False
+
 LITDATA = "litdata"  # the data.dataset value of shards
+INSTALL = "pip install 'tl_project[shards]'"
 META = "tl_project.json"
 # Chunk size of the shards: large enough to stream efficiently, small enough to share out.
 CHUNK_BYTES = "64MB"
 # How the items of the labelled splits are ordered (`tl_project.json`'s "order"); shards
 # without it were written in folder order, class by class, and cannot train well.
 ORDER = "shuffled"
+
+
+def require_litdata(use: str) -> None:
+    """A clear error naming the extra where LitData is missing; `use` says what needed it."""
+    if not INSTALLED:
+        raise UserError(f"{use} needs LitData, which is not installed. Fix: {INSTALL}")
 
 
 def is_url(location: str) -> bool:
