@@ -263,6 +263,29 @@ class EarlyStop(EarlyStopping):
             )
 
 
+# Metrics that are better higher (accuracy, mean average precision) and lower (loss).
+HIGHER_IS_BETTER, LOWER_IS_BETTER = ("acc", "map"), ("loss",)
+
+
+def check_watch_modes(callbacks: list[Callback]) -> None:
+    """Refuse an early stop or a checkpoint whose mode keeps the worst of what it watches:
+    Lightning's EarlyStopping and ModelCheckpoint default to mode min, which for val/acc stops
+    (or keeps) at the lowest accuracy; and mode max for a loss."""
+    for callback in callbacks:
+        if not isinstance(callback, EarlyStopping | ModelCheckpoint) or not callback.monitor:
+            continue
+        name = callback.monitor.rsplit("/", 1)[-1]
+        right = "max" if name.startswith(HIGHER_IS_BETTER) else "min" if name.startswith(LOWER_IS_BETTER) else None
+        if right is not None and callback.mode != right:
+            option = "--trainer.callbacks.mode"  # (or mode in a config's init_args)
+            if isinstance(callback, EarlyStop | Checkpoint):
+                option = "--early_stopping.mode" if isinstance(callback, EarlyStop) else "--checkpoint.mode"
+            raise UserError(
+                f"{type(callback).__name__} watches {callback.monitor} with mode {callback.mode}: it would take the "
+                f"worst value for the best. Pass {option} {right}."
+            )
+
+
 class FitSummary(Callback):
     """Prints at the end of `fit`: the best checkpoint with its score, training throughput, total time.
 

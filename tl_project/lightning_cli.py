@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -41,7 +40,15 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tl_project.backbones import check_input_size
-from tl_project.callbacks import Checkpoint, DivergenceGuard, EarlyStop, FitSummary, ModelOverview, PredictionWriter
+from tl_project.callbacks import (
+    Checkpoint,
+    DivergenceGuard,
+    EarlyStop,
+    FitSummary,
+    ModelOverview,
+    PredictionWriter,
+    check_watch_modes,
+)
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
 from tl_project.data.named import missing_named
@@ -49,6 +56,7 @@ from tl_project.errors import PROG, UserError
 from tl_project.explain import ExplanationWriter, last_spatial_layer, require_captum
 from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
 from tl_project.multilabel_report import MultiLabelReport
+from tl_project.parsing import CLIParser, Parser
 from tl_project.report import TestReport
 from tl_project.runtime import check_output_dir, choose_precision, say
 from tl_project.runtimes import InferenceRuntime, Runtime
@@ -119,11 +127,14 @@ class TransferLearningCLI(LightningCLI):
 
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
+        # A Lightning command's parser is one of subcommands: its errors name the command's --help.
+        self.command_prog = f"{PROG} {args[0]}" if args and args[0] in (*EVAL_SUBCOMMANDS, "fit") else None
         super().__init__(
             TransferLearningModel,
             ImageDataModule,
             args=args,
             auto_configure_optimizers=False,
+            parser_class=CLIParser,
             seed_everything_default=kwargs.pop("seed_everything_default", 42),
             parser_kwargs=kwargs.pop("parser_kwargs", {"default_env": True, "env_prefix": ENV_PREFIX}),
             **kwargs,
@@ -160,6 +171,7 @@ class TransferLearningCLI(LightningCLI):
         """A subcommand's parser; predict's has `--output` (commands/lightning.py names the command)."""
         command = kwargs.pop("command", None)
         parser = super().init_parser(**kwargs)
+        parser.command_prog = self.command_prog  # type: ignore[attr-defined]
         if command == "predict":
             parser.add_argument(
                 "--output",
@@ -272,6 +284,7 @@ class TransferLearningCLI(LightningCLI):
         if self.subcommand == "test":
             callbacks.append(MultiLabelReport() if self.model.multi_label else TestReport())
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
+        check_watch_modes(trainer.callbacks)  # type: ignore[attr-defined]
         if self.subcommand not in (None, "fit"):  # nothing trains, so nothing to checkpoint
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]  # type: ignore[attr-defined]
         elif isinstance(trainer.checkpoint_callback, Checkpoint):
@@ -365,7 +378,7 @@ def data_module(
 ) -> tuple[ImageDataModule, Any]:
     """The image-folder data module of `command`'s `--data.*` options (and a config's data section),
     with the parsed config; `extra` adds options: name -> add_argument keywords."""
-    parser = ArgumentParser(**parser_settings(command, description))
+    parser = Parser(**parser_settings(command, description))
     parser.add_argument("--config", help="A tl_project config; its data section is used.")
     for name, keywords in extra.items():
         parser.add_argument(name, **keywords)

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from jsonargparse import ArgumentParser
-
 from tl_project.errors import UserError
 from tl_project.export import export, predict_onnx
 from tl_project.lightning_cli import MIN_PROBABILITY_HELP, launched, parser_settings
+from tl_project.parsing import Parser
 
 
 def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
     """`python -m tl_project export ...`"""
     with launched(command, args, from_sys_argv) as args:
-        parser = ArgumentParser(**parser_settings(command, description))
+        parser = Parser(**parser_settings(command, description))
         parser.add_function_arguments(export, as_positional=False)
         export(**parser.parse_args(args).as_dict())
 
@@ -60,7 +59,7 @@ def check_onnx_options(args: list[str]) -> list[str]:
 def main_predict_onnx(args: list[str], description: str) -> None:
     """`python -m tl_project predict --ckpt_path X.onnx --data.predict_dir DIR ...`"""
     args = check_onnx_options(args)
-    parser = ArgumentParser(**parser_settings("predict", f"{description} (an .onnx file: ONNX Runtime)"))
+    parser = Parser(**parser_settings("predict", f"{description} (an .onnx file: ONNX Runtime)"))
     parser.add_argument("--ckpt_path", required=True, help="The exported .onnx file.")
     parser.add_argument("--data.predict_dir", required=True, help="A folder (searched recursively) or one image.")
     parser.add_argument("--data.batch_size", type=int, default=32, help="Images per batch.")

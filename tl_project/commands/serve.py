@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from jsonargparse import ArgumentParser
-
 from tl_project.errors import UserError
 from tl_project.lightning_cli import launched, parser_settings
+from tl_project.parsing import Parser
 
 
 def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:
@@ -15,6 +14,6 @@ def run(command: str, args: list[str], description: str, from_sys_argv: bool) ->
     except ImportError as error:  # the optional serving packages
         raise UserError(f"serve needs LitServe ({error.name} is missing): pip install 'tl_project[serve]'.") from None
     with launched(command, args, from_sys_argv) as args:
-        parser = ArgumentParser(**parser_settings(command, description))
+        parser = Parser(**parser_settings(command, description))
         parser.add_function_arguments(serve, as_positional=False)
         serve(**parser.parse_args(args).as_dict())
