@@ -23,7 +23,7 @@ its LitData shards (written by `optimize` first, timed too), in images/s:
 each folder, with the wall time, the peak memory and the rows written: the memory of a
 streaming predict should not grow with the number of images.
 
-    python scripts/data_benchmark.py predict --images 10000 100000 --check off --workers 2
+    python scripts/data_benchmark.py predict --images 10000 100000 --verify off --workers 2
 
 The folders are generated once under --workdir (JPEG, quality 90, 4 classes) and reused.
 Files just written are in the page cache: the first check is not slowed by the disk here.
@@ -100,12 +100,12 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(runs, ignore_errors=True)
         env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONWARNINGS": "ignore"}
-        common = ["--data.check", args.check, "--trainer.default_root_dir", str(runs)]
+        common = ["--data.verify", args.verify, "--trainer.default_root_dir", str(runs)]
         common += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
         fit = [sys.executable, "-m", "tl_project", "fit", "--model.backbone", "resnet18", "--model.weights", "null"]
         fit += ["--data.dataset", "null", "--data.root", str(folder), "--data.image_size", "32"]
         fit += ["--data.batch_size", "16", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", *common]
-        row: dict[str, object] = {"images": count, "size": args.size, "check": args.check}
+        row: dict[str, object] = {"images": count, "size": args.size, "verify": args.verify}
         row["first fit"] = run(fit, env)
         print(f"  {count:>7} images, first fit: {json.dumps(row['first fit'])}", flush=True)
         row["manifest_mib"] = round(sum(f.stat().st_size for f in cache.rglob("checks/*")) / 2**20, 2)
@@ -143,7 +143,7 @@ def loader(args: argparse.Namespace) -> list[dict[str, object]]:
             batch_size=args.batch_size,
             num_workers=args.workers,
             image_size=args.image_size,
-            check="off",  # the loader alone: no data check before it
+            verify="off",  # the loader alone: no data check before it
         )
         data.setup("fit")
         images, started = 0, 0.0
@@ -183,9 +183,9 @@ def predict(args: argparse.Namespace) -> list[dict[str, object]]:
             stale.unlink()
         command = [sys.executable, "-m", "tl_project", "predict", "--ckpt_path", str(checkpoint), "--output", str(out)]
         command += ["--data.predict_dir", str(folder), "--data.batch_size", str(args.batch_size)]
-        command += ["--data.num_workers", str(args.workers), "--data.check", args.check]
+        command += ["--data.num_workers", str(args.workers), "--data.verify", args.verify]
         command += ["--trainer.enable_progress_bar", "false"]
-        row: dict[str, object] = {"images": count, "check": args.check, "batch_size": args.batch_size}
+        row: dict[str, object] = {"images": count, "verify": args.verify, "batch_size": args.batch_size}
         row |= run(command, env)
         with out.open() as written:
             row["rows"] = sum(1 for _ in written) - 1
@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("what", choices=["check", "loader", "predict"])
     parser.add_argument("--images", type=int, nargs="+", default=[200, 100_000])
     parser.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("WIDTH", "HEIGHT"))
-    parser.add_argument("--check", default="full", choices=["full", "header", "off"])
+    parser.add_argument("--verify", default="full", choices=["full", "header", "off"])
     parser.add_argument("--repeat", type=int, default=3, help="check: runs of the second fit and of test (median)")
     parser.add_argument("--workers", type=int, default=2, help="loader: worker processes")
     parser.add_argument("--batch-size", type=int, default=64)

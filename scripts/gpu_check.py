@@ -92,7 +92,7 @@ class Check:
         return [
             *("--data.dataset", "null", "--data.root", str(self.folder), "--data.image_size", str(a.image_size)),
             *("--data.batch_size", str(batch_size or a.batch_size), "--data.num_workers", str(a.workers)),
-            *("--data.check", "off"),
+            *("--data.verify", "off"),
         ]
 
     def fit_options(self, *extra: str) -> list[str]:
@@ -161,7 +161,7 @@ class Check:
                 image_size=self.args.image_size,
                 batch_size=self.args.batch_size,
                 num_workers=self.args.workers,
-                check="off",
+                verify="off",
             )
             data.setup("fit")
             images, started = 0, 0.0

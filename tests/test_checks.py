@@ -6,12 +6,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from PIL import Image, ImageFile
 
 from tests.conftest import COLORS, make_image_folder
-from tests.helpers import exit_code, fit_args, read_csv, run_dirs
+from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, main
 from tl_project.data.checks import check_images, inspect_file
+from tl_project.data.module import saved_settings
 from tl_project.errors import UserError
 
 
@@ -142,7 +145,7 @@ def test_check_command_reports_and_fails_on_problems(tmp_path: Path, capfd: pyte
     assert "No problems found." in capfd.readouterr().out
 
 
-# --- how thoroughly: data.check ---
+# --- how thoroughly: data.verify ---
 
 
 def test_header_check_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +153,7 @@ def test_header_check_reads_headers_only(tmp_path: Path, monkeypatch: pytest.Mon
     decoded: list[object] = []
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real_load(self))
-    data = _data(root, check="header")
+    data = _data(root, verify="header")
     report = data.check(data.folder_splits(), data.class_names)
     assert decoded == []
     # Empty and non-image files show in the header; a truncated image does not.
@@ -170,10 +173,10 @@ def test_images_that_fail_to_load_are_skipped_with_a_summary(
     whole = (root / "fish" / "000.png").read_bytes()
     for name in ("cat", "dog", "fish"):
         (root / name / "truncated.png").write_bytes(whole[: len(whole) // 2])
-    args = fit_args(root, tmp_path / "runs", "--data.check", level, "--trainer.max_epochs", "2")
+    args = fit_args(root, tmp_path / "runs", "--data.verify", level, "--trainer.max_epochs", "2")
     main(args)
     err = capfd.readouterr().err
-    assert "Left out 3 images that could not be loaded (--data.check " + level in err
+    assert "Left out 3 images that could not be loaded (--data.verify " + level in err
     assert err.count("truncated.png") == 3 and "train:" in err
     logged = read_csv(run_dirs(tmp_path / "runs")[0] / "metrics.csv")
     assert any(row.get("val/acc") for row in logged)  # trained and validated to the end
@@ -187,7 +190,27 @@ def test_predict_with_the_check_off_leaves_unreadable_images_out(
     main(fit_args(make_image_folder(tmp_path / "images", COLORS, per_class=6), tmp_path / "runs"))
     runs = ["--trainer.default_root_dir", str(tmp_path / "runs")]
     best = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "best.ckpt"
-    main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos), "--data.check", "off", *runs])
+    main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos), "--data.verify", "off", *runs])
     rows = read_csv(run_dirs(tmp_path / "runs")[-1] / "predictions.csv")
     assert sorted(Path(r["path"]).name for r in rows) == ["000.png", "001.png", "002.png"]
     assert "Left out 1 image that could not be loaded" in capfd.readouterr().err
+
+
+def test_the_old_name_data_check_still_works_and_says_the_new_one(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    root = make_image_folder(tmp_path / "images", COLORS, per_class=6)
+    main(fit_args(root, tmp_path / "runs", "--data.check", "header", "--trainer.max_epochs", "1"))
+    assert "data.check is deprecated: it is now data.verify (--data.verify header)" in capfd.readouterr().err
+    best = run_dirs(tmp_path / "runs")[0] / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(best, weights_only=True)
+    saved = checkpoint["datamodule_hyper_parameters"]
+    assert saved["verify"] == "header" and "check" not in saved
+    # A checkpoint saved under the old name loads without the message, with its value.
+    saved["check"] = saved.pop("verify")
+    torch.save(checkpoint, old := tmp_path / "old.ckpt")
+    assert saved_settings(saved)["verify"] == "header"
+    main(["test", "--ckpt_path", str(old), "--trainer.default_root_dir", str(tmp_path / "runs"), *QUIET])
+    assert "deprecated" not in capfd.readouterr().err
+    config = yaml.safe_load((run_dirs(tmp_path / "runs")[-1] / "config.yaml").read_text())
+    assert config["data"]["verify"] == "header"

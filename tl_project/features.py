@@ -34,7 +34,7 @@ class FeatureCache:
         self.features: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def check(datamodule: Any) -> None:
+    def require_fixed_view(datamodule: Any) -> None:
         """The rule the data must keep: the same view of every image in every epoch."""
         if getattr(datamodule, "augment", True):
             raise UserError(

@@ -51,6 +51,7 @@ from tl_project.callbacks import (
 )
 from tl_project.checkpoints import AtomicCheckpointIO, find_checkpoint, read_checkpoint
 from tl_project.data import ImageDataModule
+from tl_project.data.module import saved_settings
 from tl_project.data.named import missing_named
 from tl_project.errors import PROG, UserError
 from tl_project.explain import ExplanationWriter, last_spatial_layer, require_captum
@@ -93,19 +94,17 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
 def checkpoint_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """`model.*` and `data.*` defaults from a checkpoint's saved hyper-parameters."""
     model_hp = dict(checkpoint.get("hyper_parameters") or {})
-    data_hp = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     if not model_hp:
         raise UserError("The checkpoint holds no model hyper-parameters; is it a tl_project checkpoint?")
     # The checkpoint holds every weight: build the model without loading pretrained ones.
     model_hp["weights"] = None
-    data_hp["classes"] = model_hp.get("class_names")
-    defaults: dict[str, Any] = {}
-    for prefix, values, cls in (("model", model_hp, TransferLearningModel), ("data", data_hp, ImageDataModule)):
-        params = inspect.signature(cls.__init__).parameters
-        # num_classes and class_names reach the model through the data link.
-        skip = {"self", "num_classes", "class_names", "multi_label"} if cls is TransferLearningModel else {"self"}
-        defaults |= {f"{prefix}.{k}": v for k, v in values.items() if k in params and k not in skip}
-    return defaults
+    params = inspect.signature(TransferLearningModel.__init__).parameters
+    # num_classes and class_names reach the model through the data link.
+    skip = {"self", "num_classes", "class_names", "multi_label"}
+    defaults = {f"model.{k}": v for k, v in model_hp.items() if k in params and k not in skip}
+    data = saved_settings(checkpoint.get("datamodule_hyper_parameters") or {})
+    data["classes"] = model_hp.get("class_names")
+    return defaults | {f"data.{k}": v for k, v in data.items()}
 
 
 def run_config(ckpt_path: str) -> str | None:

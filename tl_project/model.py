@@ -254,7 +254,7 @@ class TransferLearningModel(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule: Any = self.trainer.datamodule  # type: ignore[attr-defined]
         if self.hparams["cache_features"]:
-            FeatureCache.check(datamodule)
+            FeatureCache.require_fixed_view(datamodule)
         self.data_seed = int(getattr(datamodule, "seed", 0))  # MixUp/CutMix draws follow from it
         self.class_weights = None
         if getattr(datamodule, "balance", "none") == "loss":
@@ -313,7 +313,7 @@ class TransferLearningModel(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
-        if not len(batch[1]):  # every image of the batch failed to load (data.check header/off)
+        if not len(batch[1]):  # every image of the batch failed to load (data.verify header/off)
             return None
         size = len(batch[1])
         if self.global_step == 0 and batch_idx == 0 and size < MIN_BATCHNORM_BATCH and self.batchnorm_trains:

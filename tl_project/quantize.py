@@ -13,7 +13,6 @@ numbers also go into the sidecar. int8 is never a default: only this option writ
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from tl_project.data import ImageDataModule
-from tl_project.data.module import device_batches
+from tl_project.data.module import device_batches, saved_settings
 from tl_project.errors import UserError
 from tl_project.runtime import say, usable_cores
 from tl_project.runtimes import onnx_session
@@ -31,9 +30,7 @@ from tl_project.runtimes import onnx_session
 
 def checkpoint_data(checkpoint: dict[str, Any], model: Any) -> ImageDataModule:
     """The checkpoint's data, as it was trained (splits, seed), with its model's preprocessing."""
-    saved = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    params = inspect.signature(ImageDataModule.__init__).parameters
-    data = ImageDataModule(**{k: v for k, v in saved.items() if k in params and k != "self"})
+    data = ImageDataModule(**saved_settings(checkpoint.get("datamodule_hyper_parameters") or {}))
     data.preprocessing = model.preprocessing
     try:
         data.setup("fit")

@@ -18,8 +18,8 @@ def run(command: str, args: list[str], description: str, from_sys_argv: bool) ->
     """`check`: decode every image of an image folder once and report; exit 1 on problems."""
     with launched(command, args, from_sys_argv) as args:
         data, _ = data_module(command, description, args)
-        if data.check_level == "off":
-            raise UserError("check with --data.check off would look at nothing: pass --data.check full (or header).")
+        if data.verify == "off":
+            raise UserError("check with --data.verify off would look at nothing: pass --data.verify full (or header).")
         splits = data.folder_splits()
         report = data.check(splits, data.class_names, data.root)
         say(report.format(data.class_names))

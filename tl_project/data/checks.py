@@ -13,7 +13,7 @@ Warnings do not stop anything but are worth knowing:
 - `duplicate`: the same bytes twice within a split;
 - `leakage`: the same bytes in two splits (a test image the model trained on).
 
-How thoroughly (`data.check`): `full` decodes every image and hashes its bytes;
+How thoroughly (`data.verify`): `full` decodes every image and hashes its bytes;
 `header` reads only the header (format and size: finds empty, too large, non-image
 files, not truncated ones, and no duplicates); `off` looks at nothing, and images that
 fail to load are skipped then, with a summary (`ImageDataModule`). What a check found
@@ -106,7 +106,7 @@ class DataReport:
         if not self.problems and not self.warnings:
             lines.append("No problems found.")
         if self.level == "header":
-            lines.append("Headers only (--data.check header): truncated images, duplicates and leakage not checked.")
+            lines.append("Headers only (--data.verify header): truncated images, duplicates and leakage not checked.")
         return "\n".join(lines)
 
 
@@ -334,20 +334,20 @@ def usable(
 
 def unreadable_summary(datasets: Mapping[str, Any], skipped: Mapping[str, set[int]], level: str) -> str:
     """The warning for images left out when they failed to load (`skipped`: dataset indices by
-    split, data.check header/off), each file with why (looked at once more here)."""
+    split, data.verify header/off), each file with why (looked at once more here)."""
     lines = []
     for split, indices in sorted(skipped.items()):
         for index in sorted(indices):
             path = datasets[split].describe(index)
             lines.append(f"  {split}: {path}: {inspect_file(path).detail}")
     return (
-        f"Left out {len(lines)} image{'s' if len(lines) > 1 else ''} that could not be loaded (--data.check {level}); "
+        f"Left out {len(lines)} image{'s' if len(lines) > 1 else ''} that could not be loaded (--data.verify {level}); "
         "remove or replace them, or check them with python -m tl_project check:\n" + "\n".join(lines)
     )
 
 
 class Unreadable:
-    """Images that failed to load (data.check header/off) and left their batch, by split."""
+    """Images that failed to load (data.verify header/off) and left their batch, by split."""
 
     def __init__(self) -> None:
         self.indices: dict[str, set[int]] = {}

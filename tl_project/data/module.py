@@ -20,8 +20,9 @@ its weights), taken in `setup()` from the Trainer's model.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,9 @@ from tl_project.runtime import default_num_workers, usable_cores, warn
 from tl_project.transforms import IMAGENET, Preprocessing, eval_transform, normalize, resized_crops, train_transform
 
 # The split a Trainer stage (`RunningStage`) reads.
+# Options renamed, old name -> new: the old names still work (with a deprecation message), and
+# checkpoints saved under them load (`lightning_cli.checkpoint_defaults`).
+RENAMED = {"check": "verify"}
 STAGE_SPLIT = {"train": "train", "sanity_check": "val", "validate": "val", "test": "test", "predict": "predict"}
 
 
@@ -85,7 +89,7 @@ class ImageDataModule(L.LightningDataModule):
         classes: list[str] | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
         max_image_pixels: int = 89_478_485,
-        check: Literal["full", "header", "off"] = "full",
+        verify: Literal["full", "header", "off"] = "full",
         cache_dir: str | None = None,
         balance: Literal["none", "sampler", "loss"] = "none",
         folds: int = 0,
@@ -94,6 +98,7 @@ class ImageDataModule(L.LightningDataModule):
         labels: str | None = None,
         multi_label: bool = False,
         label_delimiter: str = " ",
+        check: Literal["full", "header", "off"] | None = None,
     ) -> None:
         """
         Args:
@@ -112,7 +117,7 @@ class ImageDataModule(L.LightningDataModule):
             classes: The expected class names (set from the checkpoint for test/predict); null reads them from the data.
             on_bad_image: Unusable images (corrupt, empty, too large): error stops before training listing all; skip leaves them out.
             max_image_pixels: Images with more pixels are refused unread (decompression bombs).
-            check: Before use, decode every image (full), read only headers (header), or trust the files (off: images that fail to load are skipped then, with a summary). Results are kept in a manifest.
+            verify: Before use, decode every image (full), read only headers (header), or trust the files (off: images that fail to load are skipped then, with a summary). Results are kept in a manifest.
             cache_dir: Where the data check keeps its manifest; null for $XDG_CACHE_HOME/tl_project or ~/.cache/tl_project.
             balance: For imbalanced classes: sampler draws every class equally often in training; loss weights each class's loss by its rarity; none.
             folds: Cross-validation: split train and validation images together into this many stratified folds (from seed); 0 for none. The test set is never touched.
@@ -121,9 +126,14 @@ class ImageDataModule(L.LightningDataModule):
             labels: A CSV of images and labels instead of class folders: columns path (or file_name; relative to root), label, and optionally split (train/val/test, used instead of the random split). Needs dataset null.
             multi_label: Each image may have several classes (the label cell of --data.labels lists them): one sigmoid output per class.
             label_delimiter: With multi_label: what separates the classes in a label cell.
+            check: Deprecated: the old name of verify (same values).
         """
         super().__init__()
-        self.save_hyperparameters()
+        if check is not None:
+            warn(f"data.check is deprecated: it is now data.verify (--data.verify {check}); the old name will go.")
+            verify = check
+        self.save_hyperparameters(ignore=list(RENAMED))
+        self.hparams["verify"] = verify  # (the CLI hands save_hyperparameters the values it was given)
         check_options(val_split, test_split, batch_size, image_size, min_crop_scale, folds, fold)
         self.source = make_source(
             dataset, root, download, balance, folds, exclude, labels, multi_label, label_delimiter
@@ -138,10 +148,10 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size, self.min_crop_scale, self.augment = image_size, min_crop_scale, augment
         self.val_split, self.test_split, self.seed = val_split, test_split, seed  # the splits
         self.folds, self.fold = folds, fold
-        self.on_bad_image, self.max_image_pixels, self.check_level = on_bad_image, max_image_pixels, check
+        self.on_bad_image, self.max_image_pixels, self.verify = on_bad_image, max_image_pixels, verify
         self.exclusion = Exclusion(exclude)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
-        # Images that failed to load and were left out of their batch, by split (data.check header/off).
+        # Images that failed to load and were left out of their batch, by split (data.verify header/off).
         self.unreadable = Unreadable()
         self.class_names = self.source.classes(classes)
         self.datasets: dict[str, Any] = {}  # ImageDataset, or ShardDataset for shards
@@ -241,10 +251,10 @@ class ImageDataModule(L.LightningDataModule):
         base: Path | None = None,
         only: list[str] | None = None,
     ) -> DataReport:
-        """Check the images of `splits` (those in `only`, by default all) at `data.check`'s level
+        """Check the images of `splits` (those in `only`, by default all) at `data.verify`'s level
         and report problems, warnings and class counts; `base` is the folder whose manifest
         remembers the results."""
-        level = "full" if self.check_level == "off" else self.check_level
+        level = "full" if self.verify == "off" else self.verify
         manifest = Manifest(base, self.cache_dir) if base is not None else None
         devices = self.trainer.num_devices if self.trainer is not None else 1
         workers = max(1, usable_cores() // devices)
@@ -287,14 +297,14 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
-        """Items of images that failed to load (data.check header/off) leave the batch here,
+        """Items of images that failed to load (data.verify header/off) leave the batch here,
         noted for the summary at the end of the command (`teardown`)."""
         stage = self.trainer.state.stage if self.trainer is not None else None
         return self.unreadable.drop(batch, STAGE_SPLIT.get(str(stage.value) if stage is not None else "", "predict"))
 
     def teardown(self, stage: str) -> None:
         """Say which images failed to load and were skipped during `stage`, if any."""
-        if summary := self.unreadable.summary(self.datasets, self.check_level):
+        if summary := self.unreadable.summary(self.datasets, self.verify):
             warn(summary)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> tuple[torch.Tensor, ...]:
@@ -335,3 +345,14 @@ def device_batches(data: Any, loader: Iterable[Any], device: torch.device) -> It
         prepared = data.on_after_batch_transfer(move_data_to_device(batch, device), 0)
         if len(prepared[2]):
             yield prepared
+
+
+def saved_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """`ImageDataModule`'s arguments from a checkpoint's saved data settings: those it still
+    takes, an option saved under its old name given under its new one."""
+    values = dict(saved)
+    for old, new in RENAMED.items():
+        if old in values:
+            values.setdefault(new, values.pop(old))
+    params = inspect.signature(ImageDataModule.__init__).parameters
+    return {key: value for key, value in values.items() if key in params and key != "self"}

@@ -288,8 +288,8 @@ def usable_samples(
     only: list[str] | None = None,
 ) -> Splits:
     """`splits` (those in `only`) without unusable images, by `on_bad_image` (see `checks.usable`);
-    with data.check off, all of them, unchecked."""
-    report = data.check(splits, class_names, base, only) if data.check_level != "off" else None
+    with data.verify off, all of them, unchecked."""
+    report = data.check(splits, class_names, base, only) if data.verify != "off" else None
     if only is not None:
         splits = {split: splits[split] for split in only}
     return usable(splits, report, data.on_bad_image, stage) if report else splits
@@ -297,7 +297,7 @@ def usable_samples(
 
 def tolerant(data: ImageDataModule, dataset: ImageDataset) -> ImageDataset:
     """Unless every image was decoded by the check, loading failures are skipped, not fatal."""
-    dataset.skip_unreadable = data.check_level != "full"
+    dataset.skip_unreadable = data.verify != "full"
     return dataset
 
 
