@@ -25,6 +25,7 @@ from tests.conftest import COLORS, make_image_folder
 from tests.helpers import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, TransferLearningModel, main
 from tl_project.lightning_cli import find_config
+from tl_project.model import RECIPE_OPTIMIZER
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -270,10 +271,12 @@ def test_settings_from_environment_variables(
 def test_seed_recipe_defaults() -> None:
     config = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
     assert config["model"]["backbone"] == "resnet50" and config["model"]["weights"] == "IMAGENET1K_V2"
-    assert config["model"]["optimizer"] == {
-        "class_path": "torch.optim.SGD",
-        "init_args": {"lr": 0.001, "momentum": 0.9},
-    }
+    # The optimizer's default is one value: the model's, the CLI's and the configs' are RECIPE_OPTIMIZER.
+    assert RECIPE_OPTIMIZER == {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.001, "momentum": 0.9}}
+    assert config["model"]["optimizer"] == RECIPE_OPTIMIZER
+    assert yaml.safe_load((REPO / "configs" / "folder.yaml").read_text())["model"]["optimizer"] == RECIPE_OPTIMIZER
+    assert "SGD(lr=0.001, momentum=0.9)" in (TransferLearningModel.__init__.__doc__ or "")
+    assert config["model"]["schedule"] == "constant" and config["model"]["lr_scheduler"] is None
     assert config["data"]["dataset"] == "FashionMNIST" and config["data"]["batch_size"] == 32
 
 

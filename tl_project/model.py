@@ -140,7 +140,7 @@ class TransferLearningModel(L.LightningModule):
             calibrate: Fit a temperature on the validation split after every validation epoch (multi-label: one per class) and give out calibrated probabilities everywhere (test, predict, export, serve); false keeps the raw ones.
             target_accuracy: A chosen accuracy (0.9 for 90 %): on the validation split, the lowest top-class probability at which the answered images reach it is saved; predict and serve then mark images below it as not answered. Single-label only; null answers every image.
             optimizer: The optimizer; default SGD(lr=0.001, momentum=0.9).
-            lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
+            lr_scheduler: Any other torch learning-rate scheduler, instead of model.schedule and model.warmup_epochs: stepped every epoch (a ReduceLROnPlateau in mode max watches val/acc, in mode min val/loss).
         """
         super().__init__()
         # Optimizer factories are callables, not plain values: the run's config.yaml records them.
