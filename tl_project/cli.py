@@ -100,10 +100,10 @@ def console() -> None:
     """`python -m tl_project` and the `tl_project` script: `main`, then the process ends at once.
 
     Without `gc.freeze()`, the interpreter's last garbage collections walk every object that
-    torch, torchvision and Lightning created (about half a million) before the process ends:
-    about 2 s at the end of every command. Frozen, they are not walked; the memory goes back
-    to the OS with the process, and everything else of an interpreter's exit happens as before
-    (atexit, threads joined, files flushed and closed)."""
+    torch, torchvision and Lightning created before the process ends, a wait at the end of
+    every command (docs/benchmarks-archive.md). Frozen, they are not walked; the memory goes
+    back to the OS with the process, and everything else of an interpreter's exit happens as
+    before (atexit, threads joined, files flushed and closed)."""
     try:
         main()
     finally:

@@ -112,7 +112,7 @@ def write_out_of_fold(oof: OutOfFold, path: Path) -> None:
 
 
 def require_cleanlab() -> None:
-    """cleanlab is the labels extra (it brings scikit-learn, SciPy and pandas: about 250 MB)."""
+    """cleanlab is the labels extra (it brings scikit-learn, SciPy and pandas; sizes: docs/getting-started.md)."""
     if importlib.util.find_spec("cleanlab") is None:
         raise UserError("Ranking suspect labels (--cv.label_issues) needs cleanlab: pip install 'tl_project[labels]'.")
 

@@ -167,9 +167,9 @@ class EMA(EMAWeightAveraging):
     checkpoints and `test` use the averaged weights, and `last.ckpt` holds the raw ones too.
 
     Unlike a fixed decay, the decay warms up (`warm_decay`): early averages follow the weights
-    closely, and the memory grows with the run up to `1 / (1 - decay)` steps. A fixed 0.999
-    averages over about 1,000 steps; on a run of 45 steps its average is still 96 % the
-    untrained start."""
+    closely, and the memory grows with the run up to `1 / (1 - decay)` steps. A fixed decay
+    remembers that many steps from the first: on a short run, mostly the untrained start
+    (measured: docs/recipes.md)."""
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, update_every_n_steps: int = 1, **kwargs: Any) -> None:
         """

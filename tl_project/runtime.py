@@ -55,11 +55,9 @@ def check_output_dir(root: Path, model: torch.nn.Module) -> None:
 # BatchNorm in training mode normalises each channel by the statistics of the batch
 # on one device. On few images with little variation the batch variance nears zero,
 # and the 1 / sqrt(var + eps) of every BatchNorm layer multiplies the gradients of the
-# layers before it: measured on ResNet-50, random init, three-colour 32 px images,
-# fp32, the first step's gradient of conv1 is 1e9 at batch 2, 1.5e3 at batch 4 and
-# 1.4e2 at batch 16. fp32 survives such steps (without learning); bf16, with 8
-# significant bits, turns them into NaN. So below this size mixed precision is not
-# chosen, and `fit` warns (see `TransferLearningModel`).
+# layers before it (measured: docs/performance.md, "Small batches and BatchNorm"). fp32
+# survives such steps (without learning); bf16, with 8 significant bits, turns them into
+# NaN. So below this size mixed precision is not chosen, and `fit` warns.
 MIN_BATCHNORM_BATCH = 16
 LOW_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "bf16", "16")
 
@@ -73,10 +71,9 @@ def default_num_workers(on_gpu: bool) -> int:
     """Loader workers per process when --data.num_workers is not given.
 
     On a GPU, the usable cores (at most 8): decoding and cropping must keep up with
-    thousands of images a second. On a CPU, one: the model consumes 5-100 images a
-    second there, one worker delivers hundreds, and each further worker takes a core
-    from the model (2-core Zen 4, ResNet-50 at 224 px, `fit` images/s: 0 workers 9.7
-    and 9.9, 1 worker 10.4 and 10.4, 2 workers 9.3 and 10.7; docs/benchmarks.md).
+    thousands of images a second. On a CPU, one: the model consumes far fewer images a
+    second than one worker delivers, and each further worker takes a core from the model
+    (measured: docs/performance.md).
     """
     return min(8, usable_cores()) if on_gpu else 1
 
