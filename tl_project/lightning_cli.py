@@ -127,7 +127,9 @@ class TransferLearningCLI(LightningCLI):
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
         # A Lightning command's parser is one of subcommands: its errors name the command's --help.
-        self.command_prog = f"{PROG} {args[0]}" if args and args[0] in (*EVAL_SUBCOMMANDS, "fit") else None
+        self.command_prog = (
+            f"{PROG} {args[0]}" if isinstance(args, list) and args and args[0] in (*EVAL_SUBCOMMANDS, "fit") else None
+        )
         super().__init__(
             TransferLearningModel,
             ImageDataModule,
