@@ -24,7 +24,7 @@ from tests import processes
 from tests.conftest import COLORS, make_image_folder
 from tests.helpers import ACCURACY_LINE, QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import ImageDataModule, TransferLearningModel, main
-from tl_project.lightning_cli import find_config
+from tl_project.launch import find_config
 from tl_project.model import RECIPE_OPTIMIZER
 
 REPO = Path(__file__).resolve().parent.parent

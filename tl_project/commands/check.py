@@ -10,7 +10,8 @@ from pathlib import Path
 from tl_project.data.images import list_images
 from tl_project.data.sources import TableSource
 from tl_project.errors import UserError
-from tl_project.lightning_cli import data_module, launched
+from tl_project.launch import launched
+from tl_project.lightning_cli import data_module
 from tl_project.runtime import say
 
 

@@ -29,7 +29,8 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from tl_project.errors import UserError
 from tl_project.labels import OutOfFold, fold_predictions, require_cleanlab, write_label_issues, write_out_of_fold
-from tl_project.lightning_cli import TransferLearningCLI, launched, parser_settings
+from tl_project.launch import launched
+from tl_project.lightning_cli import TransferLearningCLI, parser_settings
 from tl_project.runtime import say
 
 # Where the processes of a DDP run find the cv folder rank zero chose (they start later).

@@ -7,7 +7,8 @@ from typing import Literal
 
 from tl_project.errors import UserError
 from tl_project.export import export, predict_onnx
-from tl_project.lightning_cli import MIN_PROBABILITY_HELP, launched, parser_settings
+from tl_project.launch import launched
+from tl_project.lightning_cli import MIN_PROBABILITY_HELP, parser_settings
 from tl_project.parsing import Parser
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from tl_project.commands.export import main_predict_onnx
 from tl_project.errors import PROG
-from tl_project.lightning_cli import ENV_PREFIX, TransferLearningCLI, launched, option_value
+from tl_project.launch import launched
+from tl_project.lightning_cli import ENV_PREFIX, TransferLearningCLI, option_value
 
 
 def run(command: str, args: list[str], description: str, from_sys_argv: bool) -> None:

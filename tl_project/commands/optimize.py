@@ -6,7 +6,8 @@ from pathlib import Path
 
 from tl_project.data.streaming import META, is_url, require_litdata, write_shards
 from tl_project.errors import UserError
-from tl_project.lightning_cli import data_module, launched
+from tl_project.launch import launched
+from tl_project.lightning_cli import data_module
 from tl_project.runtime import say, usable_cores
 
 

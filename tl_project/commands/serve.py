@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from tl_project.errors import UserError
-from tl_project.lightning_cli import launched, parser_settings
+from tl_project.launch import launched
+from tl_project.lightning_cli import parser_settings
 from tl_project.parsing import Parser
 
 

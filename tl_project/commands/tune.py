@@ -31,7 +31,8 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from tl_project.callbacks import DivergenceGuard, FitSummary
 from tl_project.errors import UserError
-from tl_project.lightning_cli import TransferLearningCLI, launched, parser_settings
+from tl_project.launch import launched
+from tl_project.lightning_cli import TransferLearningCLI, parser_settings
 from tl_project.runtime import say
 
 
