@@ -433,7 +433,7 @@ def trust_outcomes(
 
 def draw_maps(rows: list[dict[str, str]], maps: Path, picture: Path) -> None:
     """A grid of test images' maps (`predict --explain`'s NAME.png), one per class, quadrants in turn."""
-    from tl_project.report import plot_image_grid
+    from tl_project.figures import plot_image_grid
 
     items, seen = [], set()
     for row in rows:

@@ -31,7 +31,7 @@ import torch
 
 from tl_project.data.module import device_batches
 from tl_project.errors import UserError
-from tl_project.report import plot_image_grid
+from tl_project.figures import plot_image_grid
 from tl_project.runtime import gather_objects, say, warn
 
 GRID_IMAGES = 16

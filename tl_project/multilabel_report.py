@@ -28,8 +28,9 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics.functional.classification import multilabel_precision_recall_curve
 
 from tl_project.calibration import calibration_error, describe_temperature
+from tl_project.figures import plot_image_grid, plot_reliability
 from tl_project.multilabel import Collected, predicted_sets
-from tl_project.report import MOST_WRONG, plot_image_grid, plot_reliability
+from tl_project.report import MOST_WRONG
 from tl_project.runtime import gather_objects, say
 
 
