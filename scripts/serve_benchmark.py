@@ -38,11 +38,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tl_project.classifier import Classifier  # noqa: E402
 from tl_project.cli import main  # noqa: E402
 from tl_project.data.images import decode_image_bytes  # noqa: E402
 from tl_project.data.named import read_named  # noqa: E402
 from tl_project.runtime import cpu_has_native_bf16  # noqa: E402
-from tl_project.serve import Classifier  # noqa: E402
 from tl_project.transforms import eval_transform  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -17,12 +17,13 @@ from tests import processes
 from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main
 from tl_project.checkpoints import read_checkpoint
+from tl_project.classifier import Classifier
 from tl_project.data import ImageDataModule
 from tl_project.errors import UserError
 from tl_project.multilabel import best_f1_thresholds, predicted_sets
 from tl_project.predictions import answer_threshold_in_force
 from tl_project.recipe import BatchMix, positive_weights
-from tl_project.serve import Classifier, ClassifierAPI, Upload
+from tl_project.serve import ClassifierAPI, Upload
 from tl_project.transforms import eval_transform
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 220, 40), "blue": (40, 40, 220)}

@@ -14,10 +14,10 @@ from tests.conftest import COLORS, make_image_folder
 from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main
 from tl_project import runtimes as runtimes_module
+from tl_project.classifier import Classifier
 from tl_project.errors import UserError
 from tl_project.export import OnnxClassifier
 from tl_project.runtimes import OnnxLogits, cache_folder, choose
-from tl_project.serve import Classifier
 
 
 @pytest.fixture(scope="module")

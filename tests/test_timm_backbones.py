@@ -17,9 +17,9 @@ from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main, timm_backbones
 from tl_project.backbones import build_backbone, weights_preprocessing
 from tl_project.checkpoints import read_checkpoint
+from tl_project.classifier import Classifier
 from tl_project.data.images import load_image
 from tl_project.errors import UserError
-from tl_project.serve import Classifier
 from tl_project.transforms import eval_transform
 
 TINY = "timm/test_efficientnet"  # 0.36 M parameters, BatchNorm, any input size
