@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from tl_project import runtimes as runtimes_module
 from tl_project.classifier import Classifier
 from tl_project.errors import UserError
 from tl_project.export import OnnxClassifier
-from tl_project.runtimes import OnnxLogits, cache_folder, choose
+from tl_project.runtimes import CACHE_KEEP, OnnxLogits, cache_folder, choose
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,29 @@ def test_predict_runs_onnx_runtime_on_a_cpu_converted_once(
     cached = list(cache_folder().glob("*.onnx"))
     assert len(cached) == 1 and not list(cache_folder().glob("*.data"))  # one self-contained file
     same_answers(fast, torch_rows)
-    stamp = cached[0].stat().st_mtime_ns
+    written = cached[0].stat()
+    os.utime(cached[0], (written.st_atime - 60, written.st_mtime - 60))
     again = predict(trained, tmp_path / "again.csv")
-    assert cached[0].stat().st_mtime_ns == stamp and list(cache_folder().glob("*.onnx")) == cached  # reused
+    reused = cached[0].stat()
+    assert reused.st_ino == written.st_ino and list(cache_folder().glob("*.onnx")) == cached  # not written again
+    assert reused.st_mtime > written.st_mtime - 60  # marked as used: the pruning keeps the most recently used
     assert again == fast
+
+
+def test_the_cache_keeps_the_most_recently_used_conversions(
+    trained: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    folder = cache_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    for age in range(CACHE_KEEP):  # older conversions, the oldest last
+        (old := folder / f"old{age}.onnx").write_bytes(b"x")
+        os.utime(old, (1_000_000 - age, 1_000_000 - age))
+    predict(trained, tmp_path / "p.csv")
+    kept = sorted(path.name for path in folder.glob("*.onnx"))
+    assert len(kept) == CACHE_KEEP and f"old{CACHE_KEEP - 1}.onnx" not in kept and "old0.onnx" in kept
+    assert f"Removed 1 older conversion from {folder} (it keeps the {CACHE_KEEP} most recently used)" in (
+        capfd.readouterr().out
+    )
 
 
 def test_flip_tta_runs_inside_the_converted_model(trained: dict[str, Path], tmp_path: Path) -> None:

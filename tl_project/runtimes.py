@@ -9,7 +9,8 @@
 
 The checkpoint is converted once into the cache (`$XDG_CACHE_HOME/tl_project/onnx/` or
 `~/.cache/tl_project/onnx/`), under a key made of the checkpoint's bytes, the image size and
-the test-time augmentation, and reused after. Before it is used, the converted model is
+the test-time augmentation, and reused after; the cache keeps the 8 most recently used
+conversions. Before it is used, the converted model is
 checked against PyTorch: on a fixed batch at conversion, and by `predict` on the first batch
 of the user's own images (same top-1 class, calibrated logits within the export's tolerance).
 Where the conversion or a check fails, the command says why and runs PyTorch.
@@ -39,6 +40,8 @@ RUNTIMES: tuple[str, ...] = get_args(Runtime)
 RTOL, ATOL = 1e-3, 1e-4
 # Raised with the cache's layout or the conversion, so that old cached files are not reused.
 CACHE_VERSION = 1
+# Conversions the cache keeps, the most recently used (a ResNet-50's is about 100 MB).
+CACHE_KEEP = 8
 
 
 def cache_folder() -> Path:
@@ -81,6 +84,7 @@ def convert(model: Any, ckpt_path: str | Path, image_size: int) -> Path:
     key = f"{file_digest(Path(ckpt_path))[:32]}-{image_size}px-{'flip' if flip else 'plain'}-v{CACHE_VERSION}"
     target = cache_folder() / f"{key}.onnx"
     if target.is_file():
+        os.utime(target)  # used now: the pruning keeps the most recently used
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     network = InferenceNetwork(model, flip=flip, sigmoid=False).cpu().float().eval()
@@ -98,7 +102,25 @@ def convert(model: Any, ckpt_path: str | Path, image_size: int) -> Path:
         os.replace(partial, target)  # whole or not at all, also with another process converting
     finally:
         partial.unlink(missing_ok=True)
+    prune_cache(target.parent, CACHE_KEEP)
     return target
+
+
+def prune_cache(folder: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used conversions in `folder`, and say so."""
+
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # removed meanwhile by another process
+            return 0.0
+
+    old = sorted(folder.glob("*.onnx"), key=used, reverse=True)[keep:]
+    for path in old:
+        path.unlink(missing_ok=True)
+    if old:
+        say(f"Removed {len(old)} older conversion{'s' if len(old) > 1 else ''} from {folder} "
+            f"(it keeps the {keep} most recently used).")  # fmt: skip
 
 
 def parity_problem(got: torch.Tensor, expected: torch.Tensor) -> str | None:
