@@ -18,7 +18,14 @@ from tests.conftest import COLORS, make_image_folder
 from tests.helpers import QUIET, exit_code, fit_args, read_csv, run_dirs
 from tl_project import main
 from tl_project import serve as serve_module
-from tl_project.calibration import ANSWER_NOTHING, Selective, answer_threshold, calibration_error, fit_temperature
+from tl_project.calibration import (
+    ANSWER_NOTHING,
+    Selective,
+    answer_threshold,
+    calibration_error,
+    fit_temperature,
+    wilson_lower,
+)
 from tl_project.errors import UserError
 from tl_project.explain import ClassActivationMaps, in_original, last_spatial_layer
 from tl_project.model import TransferLearningModel
@@ -56,11 +63,19 @@ def test_the_answer_threshold_is_the_lowest_that_reaches_the_target() -> None:
     confidence = torch.tensor([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     correct = torch.tensor([1, 1, 1, 0, 1, 1, 0, 0]).bool()
     # Top 3: 100 %; top 6: 5/6 = 83 %; top 4: 75 %; top 5: 80 %.
-    assert answer_threshold(confidence, correct, 0.8) == pytest.approx(0.6)
-    assert answer_threshold(confidence, correct, 0.9) == pytest.approx(0.9)
+    # On the point estimate (margin 0):
+    assert answer_threshold(confidence, correct, 0.8, margin=0) == pytest.approx(0.6)
+    assert answer_threshold(confidence, correct, 0.9, margin=0) == pytest.approx(0.9)
     assert answer_threshold(torch.tensor([0.9, 0.8]), torch.tensor([False, True]), 0.99) == ANSWER_NOTHING
     # Tied probabilities are answered together: no cut between them.
-    assert answer_threshold(torch.tensor([0.9, 0.9, 0.5]), torch.tensor([True, False, True]), 0.9) == ANSWER_NOTHING
+    tied = torch.tensor([0.9, 0.9, 0.5]), torch.tensor([True, False, True])
+    assert answer_threshold(*tied, 0.9, margin=0) == ANSWER_NOTHING
+    # By default the accuracy must reach the target by one standard error (Wilson): 3 of 3
+    # right is not yet 80 % with confidence, 5 of 6 neither; 12 of 13 is (0.82), 12 of 14 not (0.74).
+    assert answer_threshold(confidence, correct, 0.8) == ANSWER_NOTHING
+    many = torch.linspace(0.99, 0.5, 20), torch.tensor([True] * 12 + [False] * 8)
+    assert answer_threshold(*many, 0.8) == pytest.approx(float(many[0][12]))
+    assert wilson_lower(torch.tensor([82.0]), torch.tensor([100.0]), 1.0).item() == pytest.approx(0.7785, abs=1e-4)
     chosen = Selective.at(0.6, confidence, correct)
     assert (chosen.answered, chosen.coverage, chosen.accuracy) == (6, 0.75, pytest.approx(5 / 6))
 

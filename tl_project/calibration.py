@@ -6,8 +6,8 @@
   softer probabilities. The model fits T after every validation epoch, so each checkpoint
   carries the temperature of its own epoch (`TransferLearningModel.temperature`).
 - **Selective answers**: with a target accuracy A, the lowest top-class probability at
-  which the answered validation images are at least A accurate (`answer_threshold`);
-  images below it are marked not answered. The risk-coverage curve shows the trade.
+  which the answered validation images are at least A accurate, by one standard error (a
+  Wilson lower bound: `answer_threshold`); images below it are marked not answered. The risk-coverage curve shows the trade.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from torch import nn
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 # A threshold no probability reaches: nothing is answered.
 ANSWER_NOTHING = 2.0
+# How far above the target the validation split's accuracy must be, in standard errors (the
+# Wilson lower bound's z). Taking the largest share whose accuracy reaches the target picks the
+# split's luck, and fewer of the answered new images are right than asked (docs/trust.md).
+ANSWER_MARGIN = 1.0
 # Bins of the expected calibration error and of the reliability diagram.
 CALIBRATION_BINS = 15
 
@@ -75,12 +79,23 @@ def describe_temperature(temperature: torch.Tensor) -> str:
     return f"{min(values):.2f} to {max(values):.2f} over {len(values)} classes"
 
 
-def answer_threshold(confidence: torch.Tensor, correct: torch.Tensor, target_accuracy: float) -> float:
+def wilson_lower(right: torch.Tensor, count: torch.Tensor, z: float) -> torch.Tensor:
+    """The Wilson score interval's lower bound of a proportion: `right` of `count`, `z` standard errors."""
+    share = right / count
+    margin = z * torch.sqrt(share * (1 - share) / count + z * z / (4 * count * count))
+    return (share + z * z / (2 * count) - margin) / (1 + z * z / count)
+
+
+def answer_threshold(
+    confidence: torch.Tensor, correct: torch.Tensor, target_accuracy: float, margin: float = ANSWER_MARGIN
+) -> float:
     """The lowest top-class probability at which the images answered (probability at or above
-    it) are at least `target_accuracy` accurate; `ANSWER_NOTHING` when no threshold reaches it."""
+    it) are at least `target_accuracy` accurate, by `margin` standard errors (a Wilson lower
+    bound; 0 for the point estimate); `ANSWER_NOTHING` when no threshold reaches it."""
     order = confidence.float().argsort(descending=True)
     p, right = confidence.float()[order], correct.float()[order]
-    accuracy = right.cumsum(0) / torch.arange(1, len(p) + 1)
+    answered = torch.arange(1, len(p) + 1, dtype=torch.float32)
+    accuracy = wilson_lower(right.cumsum(0), answered, margin)
     # Images tied at a probability are answered together: only cuts between distinct values count.
     cut = torch.ones_like(p, dtype=torch.bool)
     cut[:-1] = p[:-1] != p[1:]
