@@ -50,6 +50,7 @@ def test_predict_runs_onnx_runtime_on_a_cpu_converted_once(
     fast = predict(trained, tmp_path / "fast.csv")
     out = capfd.readouterr().out
     assert "Runtime: ONNX Runtime (the faster exact path on a CPU" in out
+    assert "[torch.onnx]" not in out  # the exporter's progress lines are not the user's business
     cached = list(cache_folder().glob("*.onnx"))
     assert len(cached) == 1 and not list(cache_folder().glob("*.data"))  # one self-contained file
     same_answers(fast, torch_rows)

@@ -179,6 +179,7 @@ def write_onnx(network: nn.Module, example: torch.Tensor, target: Path, output_n
         dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
         dynamo=True,
         external_data=weight_bytes > ONNX_SINGLE_FILE_BYTES,
+        verbose=False,  # the exporter's own progress lines; the command says what it did
     )
 
 
