@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--picture", type=Path, help="draw the first seed's maps of eight test images here")
     parser.add_argument("extra", nargs="*", help="more fit flags (after --)")
     args = parser.parse_args()
+    # The conversions predict makes (and the data check's manifests) stay under --out.
+    os.environ["XDG_CACHE_HOME"] = str((args.out / "cache").resolve())
     task = write_quadrant_task(args.out)
     weights = real_weights(args.out)
     results = []
