@@ -109,7 +109,13 @@ def test_a_backbone_without_a_spatial_stage_is_refused_with_the_reason() -> None
     with pytest.raises(UserError, match="convolutional backbone"):
         last_spatial_layer(tokens, 8)
     model = TransferLearningModel(3, backbone="resnet18", weights=None)
-    assert last_spatial_layer(model.backbone, 64) is model.backbone.layer4
+    # The last stage whose map is at least 4 x 4: ResNet-18's layer4 is 7 x 7 at 224 px, 2 x 2 at 64.
+    assert last_spatial_layer(model.backbone, 224) is model.backbone.layer4
+    assert last_spatial_layer(model.backbone, 64) is model.backbone.layer3
+    assert last_spatial_layer(model.backbone, 32) is model.backbone.layer2
+    # A stage inside a top-level child (torchvision EfficientNet's features).
+    efficientnet = TransferLearningModel(3, backbone="efficientnet_b0", weights=None)
+    assert last_spatial_layer(efficientnet.backbone, 64) is efficientnet.backbone.features[5]
 
 
 def test_maps_of_a_gradual_model_whose_backbone_is_still_frozen() -> None:

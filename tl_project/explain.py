@@ -10,9 +10,10 @@ class lies. It is computed for a whole batch at once, on the model's device.
 - the test report draws the maps over its most confidently wrong images;
 - `serve` answers with the map when the request asks (`-F explain=true`).
 
-The layer is the backbone's last top-level part whose output is still a spatial map
-(ResNet's `layer4`, EfficientNet's `features` or timm's `bn2`): backbones without one (a
-vision transformer) are refused with a message.
+The layer is the backbone's last stage whose output map is at least 4 x 4 (ResNet's `layer4`,
+EfficientNet's `features` or timm's `bn2` at the usual sizes; an earlier stage for small
+images, where the last one is 2 x 2): backbones without a spatial stage (a vision
+transformer) are refused with a message.
 """
 
 from __future__ import annotations
@@ -46,12 +47,25 @@ def require_captum() -> Any:
     return LayerGradCam
 
 
+# The smallest side of a map that can say where: on the measured task (docs/trust.md) maps
+# of a 4 x 4 stage peaked on the item for most correct answers, those of a 2 x 2 stage
+# almost never.
+MIN_MAP_SIDE = 4
+
+
 def last_spatial_layer(backbone: nn.Module, image_size: int) -> nn.Module:
-    """The backbone's last top-level child whose output is a 4-D map larger than 1 x 1."""
-    outputs: dict[str, tuple[int, ...]] = {}
+    """The layer whose Grad-CAM map explains `backbone` at `image_size`: the last stage (a
+    top-level child, or a child of one: timm's `blocks`, torchvision's `features`) whose output
+    map is at least `MIN_MAP_SIDE` on each side; where none is, the last with any spatial
+    output (larger than 1 x 1)."""
+    layers = {name: child for name, child in backbone.named_children()}
+    layers |= {
+        f"{name}.{sub}": module for name, child in backbone.named_children() for sub, module in child.named_children()
+    }
+    outputs: dict[str, tuple[int, ...]] = {}  # in the order the layers finish
     hooks = [
-        child.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, tuple(out.shape)))
-        for name, child in backbone.named_children()
+        layer.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, tuple(out.shape)))
+        for name, layer in layers.items()
     ]
     device = next(backbone.parameters()).device
     was_training = backbone.training
@@ -63,13 +77,14 @@ def last_spatial_layer(backbone: nn.Module, image_size: int) -> nn.Module:
         backbone.train(was_training)
         for hook in hooks:
             hook.remove()
-    spatial = [name for name, shape in outputs.items() if len(shape) == 4 and shape[2] * shape[3] > 1]
+    spatial = {name: shape[2:] for name, shape in outputs.items() if len(shape) == 4 and shape[2] * shape[3] > 1}
     if not spatial:
         raise UserError(
             "Class-activation maps need a convolutional backbone (a stage with a spatial output); this one has "
             "none (a vision transformer?): train a CNN (resnet50, efficientnet_b0, convnext_tiny, ...) to explain."
         )
-    return dict(backbone.named_children())[spatial[-1]]
+    large = [name for name, side in spatial.items() if min(side) >= MIN_MAP_SIDE]
+    return layers[large[-1] if large else list(spatial)[-1]]
 
 
 class ClassActivationMaps:
@@ -105,9 +120,9 @@ def in_original(cam: torch.Tensor, height: int, width: int, preprocessing: Prepr
     left, top = round(x1), round(y1)
     right, bottom = max(left + 1, min(width, round(x2))), max(top + 1, min(height, round(y2)))
     full = torch.zeros(height, width)
-    full[top:bottom, left:right] = nn.functional.interpolate(
-        cam[None, None], size=(bottom - top, right - left), mode="bilinear"
-    )[0, 0].clamp(0, 1)
+    box = nn.functional.interpolate(cam[None, None], size=(bottom - top, right - left), mode="bilinear")[0, 0]
+    # Resampling can land between the peak's pixels: the map keeps its own peak at 1 (or stays 0).
+    full[top:bottom, left:right] = (box * (float(cam.max()) / float(box.max())) if box.max() > 0 else box).clamp(0, 1)
     return full
 
 
