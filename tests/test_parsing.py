@@ -43,6 +43,8 @@ def test_plain_error_keeps_the_line_that_matters() -> None:
         (["test", "--nonsense", "1"], "unrecognized arguments: --nonsense 1"),
         (["cv", "--cv.folds", "abc"], "--cv.folds: expected int, got 'abc'"),
         (["serve", "--port", "x"], "--port: expected int, got 'x'"),
+        (["fit", "--model.bakbone", "x"], "unrecognized arguments: --model.bakbone x\nDid you mean --model.backbone?"),
+        (["tune", "--tune.max_lrr", "3"], "Did you mean --tune.max_lr?"),
     ],
 )
 def test_a_bad_option_gets_a_short_error_naming_the_commands_help(
@@ -67,3 +69,12 @@ def test_a_watch_mode_that_keeps_the_worst_is_refused_before_any_run_folder(
     assert exit_code(fit_args(image_folder, runs, "--checkpoint.monitor", "val/loss")) == 2
     assert "Pass --checkpoint.mode min" in capfd.readouterr().err
     assert not runs.exists()
+
+
+def test_a_misspelt_key_in_a_config_names_the_closest_option(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "mine.yaml"
+    config.write_text("data:\n  batchsize: 3\n")
+    assert exit_code(["fit", "--config", str(config)]) == 2
+    assert "'data.batchsize'\nDid you mean --data.batch_size?" in capfd.readouterr().err
+    assert exit_code(["check", "--config", str(config)]) == 2  # a command with a parser of its own
+    assert f"{config}: check has no option data.batchsize. Did you mean --data.batch_size?" in capfd.readouterr().err

@@ -50,7 +50,7 @@ from tl_project.errors import PROG, UserError
 from tl_project.explain import ExplanationWriter, last_spatial_layer, require_captum
 from tl_project.model import MONITOR, MONITOR_MODE, RECIPE_OPTIMIZER, TransferLearningModel
 from tl_project.multilabel_report import MultiLabelReport
-from tl_project.parsing import CLIParser, Parser
+from tl_project.parsing import CLIParser, Parser, option_strings, suggestion
 from tl_project.report import TestReport
 from tl_project.runtime import check_output_dir, choose_precision, say
 from tl_project.runtimes import InferenceRuntime, Runtime
@@ -141,6 +141,9 @@ class TransferLearningCLI(LightningCLI):
         command = kwargs.pop("command", None)
         parser = super().init_parser(**kwargs)
         parser.command_prog = self.command_prog  # type: ignore[attr-defined]
+        if command is None and self.command_prog is not None:  # a Lightning command's parser of subcommands
+            name = self.command_prog.rsplit(" ", 1)[-1]
+            parser.command_options = lambda: option_strings(self._subcommand_parsers[name])  # type: ignore[attr-defined]
         if command == "predict":
             parser.add_argument(
                 "--output",
@@ -334,6 +337,10 @@ def data_module(
     config = parser.parse_args(args)
     if config.config:
         section = yaml.safe_load(Path(config.config).read_text()).get("data") or {}
+        options = option_strings(parser)
+        if unknown := [f"--data.{key}" for key in section if f"--data.{key}" not in options]:
+            names = ", ".join(name.removeprefix("--") for name in unknown)
+            raise UserError(f"{config.config}: {command} has no option {names}. {suggestion(unknown, options)}".strip())
         parser.set_defaults({f"data.{key}": value for key, value in section.items()})
         config = parser.parse_args(args)
     data = parser.instantiate_classes(config).data

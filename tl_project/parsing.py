@@ -13,8 +13,10 @@ and exits with status 2.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser
@@ -25,6 +27,8 @@ EXPECTED = re.compile(r"^Expected a <class '([\w.]+)'>$")
 PROBLEM = re.compile(r"^Problem with given class_path '([\w.]+)':\s*(.*)$", re.DOTALL)
 SINGLE = re.compile(r"^Expected a (?:<class '([\w.]+)'>|(typing\.Literal\[.*\]))\. Got value: (.*)$")
 LITERAL = re.compile(r"^typing\.Literal\[(.*)\]$")
+UNRECOGNIZED = re.compile(r"(?<![\w-])(--[\w.-]+(?:=\S*)?)")
+NOT_ACCEPTED = re.compile(r"does not accept option '([^']+)'")
 GIVEN = re.compile(r"^\s*Given value: (.*)$", re.MULTILINE)
 # What a user who reached for Lightning's EarlyStopping wants: the tool's, which watches val/acc.
 EARLY_STOPPING = (
@@ -86,19 +90,43 @@ def plain_error(message: str) -> str:
     return text
 
 
+def option_strings(parser: Any) -> list[str]:
+    """Every option string of `parser` (`--data.root`, ...)."""
+    return [option for action in parser._actions for option in action.option_strings]
+
+
+def unknown_options(message: str) -> list[str]:
+    """The options a jsonargparse error says it does not know: flags, or a config's keys."""
+    unknown = [f"--{key}" for key in NOT_ACCEPTED.findall(message)]
+    if message.startswith("unrecognized arguments:"):
+        unknown += [arg.split("=", 1)[0] for arg in UNRECOGNIZED.findall(message)]
+    return unknown
+
+
+def suggestion(unknown: Sequence[str], options: Sequence[str]) -> str:
+    """ " Did you mean --X?" for those of the `unknown` options close to one of `options`; "" when none is."""
+    close = [match for name in unknown for match in difflib.get_close_matches(name, options, n=1, cutoff=0.8)]
+    return f"Did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
+
+
 class ShortErrors:
-    """A parser mixin: errors as `plain_error` says them, with where to see every option."""
+    """A parser mixin: errors as `plain_error` says them, with the closest option to a
+    misspelt one and where to see every option."""
 
     # The command whose `--help` lists the options, where the parser's prog does not name it
-    # (the parser of a Lightning command is a parser of subcommands).
+    # (the parser of a Lightning command is a parser of subcommands), and its options.
     command_prog: str | None = None
+    command_options: Callable[[], list[str]] | None = None
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser: Any = self
         if not parser.exit_on_error:  # jsonargparse trying one type of several: it catches this
             ArgumentParser.error(parser, message, ex)
         prog = (self.command_prog or parser.prog).replace(" [options]", "")
-        sys.stderr.write(f"error: {plain_error(message)}\nEvery option: {prog} --help\n")
+        options = self.command_options() if self.command_options is not None else option_strings(parser)
+        lines = [f"error: {plain_error(message)}", suggestion(unknown_options(message), options)]
+        lines.append(f"Every option: {prog} --help")
+        sys.stderr.write("".join(f"{line}\n" for line in lines if line))
         raise SystemExit(2)
 
 
