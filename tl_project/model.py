@@ -348,7 +348,8 @@ class TransferLearningModel(L.LightningModule):
         temperature: Any = self.temperature
         if self.hparams.get("calibrate", True):
             temperature.copy_(fit_temperature(logits, targets, self.multi_label))
-        scaled = logits / temperature.cpu()
+        scaled = self.calibrated(logits)
+        answers = ""
         if self.multi_label:
             raw, calibrated = logits.sigmoid().flatten(), scaled.sigmoid().flatten()
             before, after = (calibration_error(p, targets.flatten()) for p in (raw, calibrated))
@@ -358,28 +359,25 @@ class TransferLearningModel(L.LightningModule):
             raw_thresholds = torch.sigmoid(temperature.cpu() * torch.logit(thresholds.cpu(), eps=1e-6))
             use_thresholds(raw_thresholds.to(self.device), self.val_metrics, self.train_metrics)
         else:
-            raw_top, calibrated_top = logits.softmax(dim=1).max(dim=1), scaled.softmax(dim=1).max(dim=1)
+            # The temperature never changes the top class: one `correct` serves both.
+            raw_top, confidence = logits.softmax(dim=1).max(dim=1), scaled.softmax(dim=1).amax(dim=1)
             correct = raw_top.indices == targets
-            before, after = (
-                calibration_error(raw_top.values, correct),
-                calibration_error(calibrated_top.values, correct),
-            )
+            before, after = calibration_error(raw_top.values, correct), calibration_error(confidence, correct)
+            if (target := self.hparams.get("target_accuracy")) is not None:
+                threshold = answer_threshold(confidence, correct, target)
+                minimum: Any = self.min_probability
+                minimum.fill_(threshold)
+                answers = (
+                    f"; target accuracy {100 * target:g} %: {Selective.at(threshold, confidence, correct).describe()}"
+                )
+                if threshold == ANSWER_NOTHING:
+                    answers += " (no threshold reaches the target: every image is 'not answered')"
         self.calibration_summary = (
             f"expected calibration error {before:.3f} -> {after:.3f} on {len(targets)} validation images "
             f"(temperature {describe_temperature(temperature)})"
             if self.hparams.get("calibrate", True)
             else f"not calibrated (model.calibrate false): expected calibration error {before:.3f}"
-        )
-        target = self.hparams.get("target_accuracy")
-        if target is not None and not self.multi_label:
-            confidence, predicted = scaled.softmax(dim=1).max(dim=1)
-            threshold = answer_threshold(confidence, predicted == targets, target)
-            minimum: Any = self.min_probability
-            minimum.fill_(threshold)
-            selective = Selective.at(threshold, confidence, predicted == targets)
-            self.calibration_summary += f"; target accuracy {100 * target:g} %: {selective.describe()}"
-            if threshold == ANSWER_NOTHING:
-                self.calibration_summary += " (no threshold reaches the target: every image is 'not answered')"
+        ) + answers
 
     def on_fit_end(self) -> None:
         if self.calibration_summary is None:
