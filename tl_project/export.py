@@ -29,6 +29,7 @@ from tl_project.data.module import device_batches
 from tl_project.errors import UserError
 from tl_project.model import TransferLearningModel
 from tl_project.predictions import PredictionFile, answer_threshold_in_force
+from tl_project.quantize import quantize_int8
 from tl_project.runtime import say
 from tl_project.runtimes import InferenceNetwork, example_batch, onnx_session, write_onnx
 from tl_project.transforms import Preprocessing
@@ -87,8 +88,6 @@ def export(
         raise UserError(f"The exported {format} model differs from PyTorch beyond the tolerance; nothing was kept.")
     measured: dict[str, Any] | None = None
     if quantize == "int8":
-        from tl_project.quantize import quantize_int8
-
         fp32 = target.with_name(f".{target.name}.fp32.onnx")
         target.rename(fp32)
         try:

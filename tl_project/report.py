@@ -41,6 +41,7 @@ from torchmetrics.classification import (
 from tl_project.calibration import Selective, calibration_error
 from tl_project.checkpoints import read_checkpoint
 from tl_project.errors import UserError
+from tl_project.explain import ClassActivationMaps, in_original, overlay
 from tl_project.figures import (
     plot_confusion_matrix,
     plot_curves,
@@ -354,8 +355,6 @@ class TestReport(Callback):
 def map_drawer(model: Any, dataset: Any, image_size: int) -> Any:
     """`maps(indices, classes, images)`: the dataset's original `images` with the class-activation
     map of `classes` drawn over them (`explain.py`); a UserError says why there can be none."""
-    from tl_project.explain import ClassActivationMaps, in_original, overlay
-
     grad_cam = ClassActivationMaps(model, image_size)
 
     def maps(indices: Sequence[int], classes: Sequence[int], images: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -49,6 +49,7 @@ from tl_project.checkpoints import find_checkpoint
 from tl_project.classifier import Classifier
 from tl_project.data.images import decode_image_bytes
 from tl_project.errors import UserError
+from tl_project.explain import ClassActivationMaps, overlay, png_bytes
 from tl_project.predictions import answer_threshold_in_force
 from tl_project.runtime import say, usable_cores, warn
 from tl_project.transforms import eval_transform, normalize
@@ -188,8 +189,6 @@ class ClassifierAPI(ls.LitAPI):
 
     def _explanations(self, images: list[torch.Tensor], classes: list[int]) -> list[str]:
         """The maps of `classes` over `images` (uint8, as the model saw them), as PNG data URLs."""
-        from tl_project.explain import ClassActivationMaps, overlay, png_bytes
-
         assert self.classifier.model is not None
         if self.maps is None:
             self.maps = ClassActivationMaps(self.classifier.model, self.classifier.image_size)
